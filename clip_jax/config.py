@@ -1,0 +1,249 @@
+"""The training config schema and its validation.
+
+Every key a run may set is declared in `defaults()`, with its type. Experiment files start
+from `defaults()` and change values; `validate()` then rejects unknown keys (with the
+closest known key as a hint), wrong types and inconsistent sizes before anything is
+compiled, so a typo costs seconds instead of a compile and a crash.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+import ml_collections
+
+LOSS_KINDS = ("softmax", "sigmoid")
+LOSS_IMPLS = ("dense", "gather", "ring")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+FREEZE = ("", "image", "text")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key at fault and the fix in the message."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The complete schema: every key, its type and a sensible default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global, over all devices and hosts
+    c.total_steps = 1000
+    c.log_every = 10
+    c.max_bad_steps = 5  # non-finite steps in a row before the run stops
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "ViT-B/32"
+    c.model.dtype = "float32"  # computation dtype
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.model.logit_scale_init = 1 / 0.07
+    c.model.use_logit_bias = False
+    c.model.logit_bias_init = -10.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "clip_demo"
+    c.data.data_dir = ""  # '' = ~/tensorflow_datasets
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.crop_scale_min = 0.9
+    c.data.crop_scale_max = 1.0
+    c.data.num_workers = 0
+    c.data.prefetch = 2
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # '' = the demo tokenizer (clip_demo only)
+    c.tokenizer.context_length = 77
+    c.tokenizer.lowercase = True
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "softmax"
+    c.loss.impl = "gather"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 100
+    c.optim.end_lr_ratio = 0.0
+    c.optim.weight_decay = 0.2
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+    c.optim.mu_dtype = "float32"
+    c.optim.image_lr_mult = 1.0
+    c.optim.text_lr_mult = 1.0
+    c.optim.freeze = ""  # '', 'image' or 'text'
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.keep_period = 0  # 0 = keep no extra periodic checkpoints
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = only at the end
+    c.eval.batch_size = 256
+    c.eval.tasks = ""  # comma-separated evaluator names from clip_jax.eval
+    return c
+
+
+def _walk(schema: ml_collections.ConfigDict, config: ml_collections.ConfigDict, prefix: str):
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            hint = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            fix = f"did you mean '{prefix}{hint[0]}'?" if hint else (
+                f"known keys under '{prefix or 'config.'}': {', '.join(sorted(schema.keys()))}")
+            raise ConfigError(f"unknown config key '{path}': {fix}")
+        want, got = schema[key], config[key]
+        if isinstance(want, ml_collections.ConfigDict):
+            if not isinstance(got, ml_collections.ConfigDict):
+                raise ConfigError(f"config key '{path}' must be a group of keys, got {got!r}")
+            _walk(want, got, path + ".")
+            continue
+        if want is None or got is None:
+            continue
+        ok = isinstance(got, type(want)) or (isinstance(want, float) and isinstance(got, int))
+        if isinstance(want, (int, float)) and isinstance(got, bool) and not isinstance(want, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"config key '{path}' must be {type(want).__name__}, got {got!r} "
+                f"({type(got).__name__})")
+
+
+def _choice(path: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{path}' is {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int = 1) -> None:
+    """Raises ConfigError on the first problem; cheap, runs before any compilation."""
+    _walk(defaults(), config, "")
+    _choice("loss.kind", config.loss.kind, LOSS_KINDS)
+    _choice("loss.impl", config.loss.impl, LOSS_IMPLS)
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _choice("model.param_dtype", config.model.param_dtype, DTYPES)
+    _choice("optim.mu_dtype", config.optim.mu_dtype, DTYPES)
+    _choice("model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
+    _choice("optim.freeze", config.optim.freeze, FREEZE)
+    if config.loss.kind == "sigmoid" and not config.model.use_logit_bias:
+        raise ConfigError("loss.kind='sigmoid' needs a learned bias: set model.use_logit_bias=True")
+    for key in ("batch_size", "total_steps", "log_every", "eval.batch_size"):
+        value = config[key] if "." not in key else config.eval.batch_size
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if not 0 < config.data.crop_scale_min <= config.data.crop_scale_max <= 1:
+        raise ConfigError(
+            "need 0 < data.crop_scale_min <= data.crop_scale_max <= 1, got "
+            f"{config.data.crop_scale_min}, {config.data.crop_scale_max}")
+    if config.optim.warmup_steps > config.total_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={config.optim.warmup_steps} exceeds total_steps="
+            f"{config.total_steps}: lower the warm-up or train longer")
+    if num_devices is not None:
+        sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.model)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh sizes (data, fsdp, model) = {sizes}: use positive sizes and at "
+                              "most one -1 ('the rest')")
+        fixed = 1
+        for s in sizes:
+            fixed *= s if s > 0 else 1
+        if num_devices % fixed or (-1 not in sizes and fixed != num_devices):
+            raise ConfigError(
+                f"mesh (data={sizes[0]}, fsdp={sizes[1]}, model={sizes[2]}) does not match the "
+                f"{num_devices} devices: make the product equal {num_devices}, or set one size to -1")
+        data, fsdp, model = (s if s > 0 else num_devices // fixed for s in sizes)
+        batch_shards = data * fsdp
+        if config.batch_size % batch_shards:
+            raise ConfigError(
+                f"batch_size={config.batch_size} is not divisible by the {batch_shards} devices "
+                f"that split the batch (mesh data x fsdp): use a multiple of {batch_shards}")
+        if config.batch_size % num_processes:
+            raise ConfigError(f"batch_size={config.batch_size} is not divisible by the "
+                              f"{num_processes} processes")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Rebuilds a validated config from `config.json` (used by evaluation of a workdir)."""
+    config = ml_collections.ConfigDict(d)
+    validate(config)
+    return config
+
+
+def clip_paper_recipe(model_name: str, lr: float, remat_policy: str = "none"):
+    """The CLIP paper's training recipe (Radford et al. 2021, appendix F) for one model.
+
+    Global batch 32,768; AdamW with decoupled weight decay 0.2 on all but gains, biases and
+    the temperature; betas (0.9, 0.98), eps 1e-6; linear warm-up (2,000 steps) then cosine
+    decay; learnable temperature from 0.07, clipped at 100; bf16 compute, f32 parameters;
+    random square crop as the only augmentation; 32 epochs of 400M pairs = 390,625 steps.
+    """
+    c = defaults()
+    c.batch_size = 32768
+    c.total_steps = 390_625
+    c.log_every = 100
+    c.model.name = model_name
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = remat_policy
+    c.model.logit_scale_init = 1 / 0.07
+    # Your own image-text pairs, imported with
+    #   python -m clip_jax.data.prepare --source=SHARDS --name=image_text --data_dir=DIR
+    c.data.name = "image_text"
+    c.data.crop_scale_min = 0.9
+    c.data.num_workers = 8
+    c.tokenizer.path = ""  # a sentencepiece .model trained on your captions
+    c.optim.lr = lr
+    c.optim.warmup_steps = 2000
+    c.optim.weight_decay = 0.2
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
+    c.checkpoint.every_steps = 2000
+    c.checkpoint.keep_period = 50_000
+    c.eval.every_steps = 10_000
+    return c
+
+
+def smoke_variant(c: ml_collections.ConfigDict, model_name: str = "tiny-vit"):
+    """Shrinks a recipe to seconds on one CPU: tiny model, demo data, a handful of steps.
+
+    Everything else (loss, optimizer shape, schedule kind, dtype) is kept, so a smoke run
+    exercises the same code paths as the full recipe.
+    """
+    c.model.name = model_name
+    c.data.name = "clip_demo"
+    c.data.num_workers = 0
+    c.tokenizer.path = ""
+    c.tokenizer.context_length = 16
+    c.batch_size = 16
+    c.total_steps = 4
+    c.log_every = 1
+    c.optim.warmup_steps = 1
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep_period = 0
+    c.eval.every_steps = 0
+    c.eval.batch_size = 16
+    c.eval.tasks = ""
+    c.mesh.data, c.mesh.fsdp, c.mesh.model = -1, 1, 1
+    return c
+
+
+VARIANTS = ("", "smoke")
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str, tiny_model: str = "tiny-vit"):
+    """The `file.py:VARIANT` suffix: '' is the full recipe, 'smoke' its tiny form."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown config variant {variant!r}; known: 'smoke' (or none)")
+    return smoke_variant(c, tiny_model) if variant == "smoke" else c

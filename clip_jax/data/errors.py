@@ -1,0 +1,9 @@
+"""Errors of the data package: one line, naming the path or field and what was expected."""
+
+
+class DataError(ValueError):
+  """Bad input data or arguments (missing/empty/unreadable source, unknown field...)."""
+
+
+class DatasetNotPreparedError(DataError, FileNotFoundError):
+  """A dataset (or split) is not in data_dir; the message holds the command to prepare it."""

@@ -1,0 +1,1 @@
+"""Evaluation: prompt templates, class names, metrics on features, and evaluators."""

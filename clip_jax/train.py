@@ -1,0 +1,248 @@
+"""The training loop and its command line.
+
+    python -m clip_jax.train --config=experiments/vit_b32.py[:variant] --workdir=DIR \
+        [--config.batch_size=4096 ...]
+
+`train(config, workdir)` is the same run, callable from Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from clip_jax import config as config_lib
+from clip_jax import losses, optim, sharding, step as step_lib
+from clip_jax.checkpoint import Checkpointer, abstract_like
+from clip_jax.data import pipeline
+from clip_jax.data.tokenizer import load_tokenizer
+from clip_jax.metric_writers import MetricWriter
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM (what schedulers send before preemption); read at step boundaries."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.set = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _data_dir(config) -> str:
+    return config.data.data_dir or os.path.expanduser("~/tensorflow_datasets")
+
+
+def setup(config: ml_collections.ConfigDict):
+    """Everything that can fail on bad input, before anything compiles."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    data_dir = _data_dir(config)
+    pipeline.ensure_prepared(config.data.name, data_dir, splits=(config.data.train_split,))
+    tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name, data_dir=data_dir,
+                               context_length=config.tokenizer.context_length,
+                               lowercase=config.tokenizer.lowercase)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
+    model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
+    return data_dir, tokenizer, mesh, model
+
+
+def _train_loader(config, data_dir, tokenizer, image_size):
+    return pipeline.train_loader(
+        config.data.name, config.data.train_split, data_dir,
+        global_batch_size=config.batch_size, image_size=image_size, tokenizer=tokenizer,
+        seed=config.seed, crop_scale=(config.data.crop_scale_min, config.data.crop_scale_max),
+        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+
+
+def _validation(config, data_dir, tokenizer, model, eval_step, state, mesh) -> dict[str, float]:
+    """Validation-split contrastive loss and in-batch accuracy over its full batches."""
+    loader = pipeline.eval_loader(
+        config.data.name, config.data.eval_split, data_dir, batch_size=config.eval.batch_size,
+        image_size=model.config.vision.image_size, tokenizer=tokenizer)
+    totals, batches = {}, 0
+    for batch in loader:
+        if not np.all(batch["mask"]):
+            continue  # a padded batch would add fake pairs to the contrastive loss
+        batch = pipeline.to_global({"image": batch["image"], "text": batch["text"]}, mesh)
+        metrics = jax.device_get(eval_step(state.params, state.model_state, batch))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        batches += 1
+    return {f"val/{k}": v / batches for k, v in totals.items()} if batches else {}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+    data_dir, tokenizer, mesh, model = setup(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    schedule = optim.schedule(config.optim, config.total_steps)
+    loss_fn = losses.make_loss(config.loss.kind, mesh, config.loss.impl)
+    state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
+    train_step = step_lib.make_train_step(model, tx, loss_fn, schedule, shardings, mesh)
+    eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
+    loader = _train_loader(config, data_dir, tokenizer, model.config.vision.image_size)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                        keep_period=config.checkpoint.keep_period,
+                        async_save=config.checkpoint.async_save)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, loader_state = ckpt.restore(start, abstract_like(state, shardings))
+        loader.set_state(loader_state)
+        print(f"resumed from step {start} in {workdir}", flush=True)
+    start = int(start or 0)
+
+    writer = MetricWriter(workdir, config.total_steps)
+    preempted = _PreemptionFlag()
+    window = _LogWindow(config.batch_size, jax.device_count())
+    last: dict[str, float] = {}
+    pending = None  # (step, metrics, bad_steps) of the previous step, read while this one runs
+    step = start
+    try:
+        while step < config.total_steps:
+            with window.waiting_for_data():
+                host_batch = next(loader)
+            state, metrics = train_step(state, pipeline.to_global(host_batch, mesh))
+            step += 1
+            window.steps += 1
+            if pending is not None:
+                last = _check_and_log(*pending, writer, window, config) or last
+            pending = (step, metrics, state.bad_steps)
+            stop = preempted.set or ckpt.reached_preemption(step)
+            if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                ckpt.save(step, state, loader.get_state())
+            if stop:
+                ckpt.wait()
+                print(f"preemption signal: saved step {step}, exiting", flush=True)
+                break
+            if config.eval.every_steps and step % config.eval.every_steps == 0:
+                _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mesh,
+                          writer, step)
+        if pending is not None:
+            last = _check_and_log(*pending, writer, window, config, force=True) or last
+        if step == config.total_steps and not preempted.set:
+            last.update(_evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state,
+                                  mesh, writer, step))
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        preempted.restore()
+    return last
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _LogWindow:
+    """Wall time, data-wait time and steps since the last logged step."""
+
+    def __init__(self, batch_size: int, n_devices: int):
+        self.batch_size, self.n_devices = batch_size, n_devices
+        self.reset()
+
+    def reset(self):
+        self.t0, self.data_wait, self.steps = time.time(), 0.0, 0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t = time.time()
+        yield
+        self.data_wait += time.time() - t
+
+    def rates(self) -> dict[str, float]:
+        elapsed, steps = max(time.time() - self.t0, 1e-9), max(self.steps, 1)
+        return {
+            "step_time": elapsed / steps,
+            "data_wait": self.data_wait / steps,
+            "samples_per_s": self.batch_size * steps / elapsed,
+            "samples_per_s_per_device": self.batch_size * steps / elapsed / self.n_devices,
+        }
+
+
+def _check_and_log(step, metrics, bad_steps, writer, window, config, force=False):
+    bad = int(bad_steps)
+    if bad >= config.max_bad_steps:
+        raise NonFiniteError(
+            f"{bad} steps in a row had a non-finite loss or gradient (last at step {step}); "
+            "parameters were left untouched on each. Lower optim.lr, set optim.grad_clip_norm, "
+            "or raise max_bad_steps.")
+    if step % config.log_every and not force:
+        return None
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values.update(window.rates(), examples_seen=step * config.batch_size, bad_steps=bad)
+    window.reset()
+    writer.write(step, values)
+    return values
+
+
+def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mesh, writer, step):
+    results = _validation(config, data_dir, tokenizer, model, eval_step, state, mesh)
+    if config.eval.tasks:
+        from clip_jax.eval import evaluators  # noqa: PLC0415 (evaluation is optional in the loop)
+        results.update(evaluators.run_tasks(
+            config, model, state.params, state.model_state, tokenizer, mesh, step, workdir=workdir))
+    if results:
+        writer.write(step, results, console=False)
+        print(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),
+              flush=True)
+    return results
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
+                           auto: bool) -> None:
+    """Joins a multi-process run: explicit (local runs) or auto-detected (SLURM, TPU pods)."""
+    if coordinator:
+        # Cross-process collectives for the CPU backend; accelerator backends ignore it.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go.")
+    flags.DEFINE_string("coordinator", "", "host:port of process 0, for explicit multi-process runs.")
+    flags.DEFINE_integer("num_processes", 1, "Processes in an explicit multi-process run.")
+    flags.DEFINE_integer("process_id", 0, "This process's index in an explicit multi-process run.")
+    flags.DEFINE_bool("multihost", False, "Auto-detect the cluster (SLURM, TPU pod) and join it.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        f = flags.FLAGS
+        initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)
+        try:
+            train(f.config, f.workdir)
+        except (config_lib.ConfigError, FileNotFoundError, NonFiniteError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(run, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_threefry_partitionable", True)
+    main()
