@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -78,8 +77,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.close()
 
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying `shardings`, the restore target for `tree`'s layout."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -87,10 +87,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint.keep_period = 0  # 0 = keep no extra periodic checkpoints
     c.checkpoint.async_save = True
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every_steps = 0  # 0 = only at the end
-    c.eval.batch_size = 256
-    c.eval.tasks = ""  # comma-separated evaluator names from clip_jax.eval
+    # Evaluators own their keys (every_steps, batch_size, tasks and one group per kind).
+    from clip_jax.eval.evaluators import config_schema  # noqa: PLC0415
+    c.eval = config_schema()
     return c
 
 

@@ -55,7 +55,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     from clip_jax import config as config_lib  # noqa: PLC0415
     from clip_jax import optim, sharding  # noqa: PLC0415
     from clip_jax import step as step_lib  # noqa: PLC0415
-    from clip_jax.checkpoint import Checkpointer, abstract_like  # noqa: PLC0415
+    from clip_jax.checkpoint import Checkpointer  # noqa: PLC0415
     from clip_jax.metric_writers import MetricWriter  # noqa: PLC0415
 
     config = load_config(workdir, config)
@@ -78,10 +78,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
         model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
         tx = optim.make_optimizer(config.optim, config.total_steps)
-        shardings = step_lib.state_shardings(model, tx, mesh, config.seed)
-        abstract = jax.eval_shape(step_lib._init_fn(model, tx, config.seed, unbox=True),  # noqa: SLF001
-                                  jax.random.key(config.seed))
-        state, _ = ckpt.restore(step, abstract_like(abstract, shardings))
+        abstract = step_lib.abstract_train_state(model, tx, mesh, config.seed)
+        state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
     encoders = ev.Encoders.from_model(model, state.params, state.model_state, mesh, config.eval.batch_size)

@@ -211,6 +211,10 @@ def param_partition_specs(abstract_boxed_params: Any, mesh: Mesh, rules: Rules) 
     rules = tuple(rules)
 
     def leaf_spec(x):
+        if _is_box(x) and not hasattr(x.value, "shape"):
+            # A box around an empty subtree (optax's MaskedNode for parameters that another
+            # optimizer partition owns): keep the subtree, it holds no arrays to place.
+            return x.value
         if isinstance(x, meta.Partitioned):
             # nn.LogicallyPartitioned names are logical (resolved by the rules); plain
             # nn.Partitioned names are mesh axes already.

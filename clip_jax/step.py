@@ -80,6 +80,14 @@ def state_shardings(model: CLIP, tx: optax.GradientTransformation, mesh, seed: i
     return sharding.param_shardings(boxed, mesh, sharding.logical_rules("fsdp"))
 
 
+def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int):
+    """The state's shapes, dtypes and shardings, without allocating it (a restore target)."""
+    shardings = state_shardings(model, tx, mesh, seed)
+    shapes = jax.eval_shape(_init_fn(model, tx, seed, unbox=True), jax.random.key(seed))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+
+
 def create_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int):
     """Initialises the state directly in its sharded layout (no full copy on one device)."""
     shardings = state_shardings(model, tx, mesh, seed)
@@ -126,7 +134,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, loss_fn: Call
         metrics = {
             **metrics, "loss": loss, "grad_norm": grad_norm,
             "param_norm": _tree_norm(new_state.params), "lr": schedule(state.step),
-            "finite": finite.astype(jnp.float32),
+            "finite": finite.astype(jnp.float32), "bad_steps": new_state.bad_steps,
         }
         return new_state, metrics
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_jax import config as config_lib
 from clip_jax import losses, optim, sharding, step as step_lib
-from clip_jax.checkpoint import Checkpointer, abstract_like
+from clip_jax.checkpoint import Checkpointer
 from clip_jax.data import pipeline
 from clip_jax.data.tokenizer import load_tokenizer
 from clip_jax.metric_writers import MetricWriter
@@ -103,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         async_save=config.checkpoint.async_save)
     start = ckpt.latest_step()
     if start is not None:
-        state, loader_state = ckpt.restore(start, abstract_like(state, shardings))
+        state, loader_state = ckpt.restore(start, step_lib.abstract_train_state(model, tx, mesh, config.seed))
         loader.set_state(loader_state)
         print(f"resumed from step {start} in {workdir}", flush=True)
     start = int(start or 0)
@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preempted = _PreemptionFlag()
     window = _LogWindow(config.batch_size, jax.device_count())
     last: dict[str, float] = {}
-    pending = None  # (step, metrics, bad_steps) of the previous step, read while this one runs
+    pending = None  # (step, metrics) of the previous step, read while this one runs
     step = start
     try:
         while step < config.total_steps:
@@ -123,7 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             window.steps += 1
             if pending is not None:
                 last = _check_and_log(*pending, writer, window, config) or last
-            pending = (step, metrics, state.bad_steps)
+            pending = (step, metrics)
             stop = preempted.set or ckpt.reached_preemption(step)
             if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
                 ckpt.save(step, state, loader.get_state())
@@ -177,8 +177,8 @@ class _LogWindow:
         }
 
 
-def _check_and_log(step, metrics, bad_steps, writer, window, config, force=False):
-    bad = int(bad_steps)
+def _check_and_log(step, metrics, writer, window, config, force=False):
+    bad = int(metrics["bad_steps"])
     if bad >= config.max_bad_steps:
         raise NonFiniteError(
             f"{bad} steps in a row had a non-finite loss or gradient (last at step {step}); "
@@ -187,7 +187,7 @@ def _check_and_log(step, metrics, bad_steps, writer, window, config, force=False
     if step % config.log_every and not force:
         return None
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    values.update(window.rates(), examples_seen=step * config.batch_size, bad_steps=bad)
+    values.update(window.rates(), examples_seen=step * config.batch_size)
     window.reset()
     writer.write(step, values)
     return values
@@ -231,6 +231,8 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
+        from absl import logging  # noqa: PLC0415
+        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
         f = flags.FLAGS
         initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)
         try:

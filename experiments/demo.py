@@ -27,5 +27,5 @@ def get_config(variant: str = ""):
     c.checkpoint.every_steps = 500
     c.eval.every_steps = 500
     c.eval.batch_size = 256
-    c.eval.tasks = "zeroshot_demo"
+    c.eval.tasks = "zeroshot:clip_demo@test"
     return apply_variant(c, variant, "tiny-vit")
