@@ -119,7 +119,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, loss_fn: Call
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(
             state.params, state.model_state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
