@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from typing import Any
 
 import ml_collections
@@ -169,6 +170,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         if config.batch_size % num_processes:
             raise ConfigError(f"batch_size={config.batch_size} is not divisible by the "
                               f"{num_processes} processes")
+
+
+def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
+    """The tfds data directory of a run: `data.data_dir`, or tfds's default."""
+    return config.data.data_dir or os.path.expanduser("~/tensorflow_datasets")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

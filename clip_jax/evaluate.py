@@ -70,8 +70,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     try:
         step = checkpoint_step(ckpt.all_steps(), step, ckpt_dir)
         from clip_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-        data_dir = (config.eval.get("data_dir", "") or config.data.data_dir
-                    or os.path.expanduser("~/tensorflow_datasets"))
+        data_dir = config.eval.get("data_dir", "") or config_lib.resolve_data_dir(config)
         tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name, data_dir=data_dir,
                                    context_length=config.tokenizer.context_length,
                                    lowercase=config.tokenizer.lowercase)

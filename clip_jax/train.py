@@ -40,14 +40,10 @@ class _PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _data_dir(config) -> str:
-    return config.data.data_dir or os.path.expanduser("~/tensorflow_datasets")
-
-
 def setup(config: ml_collections.ConfigDict):
     """Everything that can fail on bad input, before anything compiles."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    data_dir = _data_dir(config)
+    data_dir = config_lib.resolve_data_dir(config)
     pipeline.ensure_prepared(config.data.name, data_dir, splits=(config.data.train_split,))
     tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name, data_dir=data_dir,
                                context_length=config.tokenizer.context_length,

@@ -581,7 +581,8 @@ def run_tasks(config, model, params, model_state, tokenizer, mesh, step: int, wo
     evaluators = build_evaluators(config.eval, tasks)
     if not evaluators:
         return {}
-    data_dir = config.eval.get("data_dir", "") or config.data.data_dir or os.path.expanduser("~/tensorflow_datasets")
+    from clip_jax.config import resolve_data_dir  # noqa: PLC0415 (config imports this module)
+    data_dir = config.eval.get("data_dir", "") or resolve_data_dir(config)
     encoders = Encoders.from_model(model, params, model_state, mesh, config.eval.batch_size)
     ctx = EvalContext(encoders, tokenizer, mesh, data_dir, model.config.vision.image_size)
     return flat_metrics(evaluate(evaluators, ctx, step, workdir))
