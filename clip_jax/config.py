@@ -181,9 +181,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+def _lists_to_tuples(value: Any) -> Any:
+    """JSON has no tuples; every sequence in the schema is one."""
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
+
+
 def from_dict(d: dict[str, Any]) -> ml_collections.ConfigDict:
     """Rebuilds a validated config from `config.json` (used by evaluation of a workdir)."""
-    config = ml_collections.ConfigDict(d)
+    config = ml_collections.ConfigDict(_lists_to_tuples(d))
     validate(config)
     return config
 

@@ -60,8 +60,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
 
     config = load_config(workdir, config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    evaluators = ev.build_evaluators(config.eval, tasks)
-    if not evaluators:
+    if not ev.build_evaluators(config.eval, tasks):
         raise EvaluationError("no evaluation tasks: set eval.tasks in the config or pass --tasks=KIND:DATASET,...")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -70,8 +69,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
     try:
         step = checkpoint_step(ckpt.all_steps(), step, ckpt_dir)
         from clip_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-        data_dir = config.eval.get("data_dir", "") or config_lib.resolve_data_dir(config)
-        tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name, data_dir=data_dir,
+        tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name,
+                                   data_dir=config_lib.resolve_data_dir(config),
                                    context_length=config.tokenizer.context_length,
                                    lowercase=config.tokenizer.lowercase)
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
@@ -81,9 +80,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str, 
         state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
-    encoders = ev.Encoders.from_model(model, state.params, state.model_state, mesh, config.eval.batch_size)
-    ctx = ev.EvalContext(encoders, tokenizer, mesh, data_dir, model.config.vision.image_size)
-    results = ev.evaluate(evaluators, ctx, step, workdir)
+    results = ev.evaluate_state(config, model, state.params, state.model_state, tokenizer, mesh,
+                                step, workdir, tasks)
     writer = MetricWriter(workdir, config.total_steps)
     try:
         writer.write(step, ev.flat_metrics(results), console=False)

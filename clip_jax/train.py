@@ -109,6 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     window = _LogWindow(config.batch_size, jax.device_count())
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
+    evaluated: dict[str, float] = {}
     step = start
     try:
         while step < config.total_steps:
@@ -118,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             step += 1
             window.steps += 1
             if pending is not None:
-                last = _check_and_log(*pending, writer, window, config) or last
+                last = _check_and_log(*pending, writer, window, loader, config) or last
             pending = (step, metrics)
             stop = preempted.set or ckpt.reached_preemption(step)
             if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
@@ -127,14 +128,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 ckpt.wait()
                 print(f"preemption signal: saved step {step}, exiting", flush=True)
                 break
-            if config.eval.every_steps and step % config.eval.every_steps == 0:
-                _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mesh,
-                          writer, step)
+            periodic = config.eval.every_steps and step % config.eval.every_steps == 0
+            if periodic or step == config.total_steps:
+                evaluated = _evaluate(config, workdir, data_dir, tokenizer, model, eval_step,
+                                      state, mesh, writer, step)
         if pending is not None:
-            last = _check_and_log(*pending, writer, window, config, force=True) or last
+            last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
         if step == config.total_steps and not preempted.set:
-            last.update(_evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state,
-                                  mesh, writer, step))
+            last.update(evaluated)
     finally:
         ckpt.wait()
         ckpt.close()
@@ -173,7 +174,7 @@ class _LogWindow:
         }
 
 
-def _check_and_log(step, metrics, writer, window, config, force=False):
+def _check_and_log(step, metrics, writer, window, loader, config, force=False):
     bad = int(metrics["bad_steps"])
     if bad >= config.max_bad_steps:
         raise NonFiniteError(
@@ -183,7 +184,10 @@ def _check_and_log(step, metrics, writer, window, config, force=False):
     if step % config.log_every and not force:
         return None
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    values.update(window.rates(), examples_seen=step * config.batch_size)
+    seen = step * config.batch_size
+    values.update(window.rates(), examples_seen=seen, epoch=seen / loader.num_records,
+                  # this host's count: unreadable images replaced by a deterministic substitute
+                  images_replaced=loader.num_replaced)
     window.reset()
     writer.write(step, values)
     return values
@@ -193,8 +197,8 @@ def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mes
     results = _validation(config, data_dir, tokenizer, model, eval_step, state, mesh)
     if config.eval.tasks:
         from clip_jax.eval import evaluators  # noqa: PLC0415 (evaluation is optional in the loop)
-        results.update(evaluators.run_tasks(
-            config, model, state.params, state.model_state, tokenizer, mesh, step, workdir=workdir))
+        results.update(evaluators.flat_metrics(evaluators.evaluate_state(
+            config, model, state.params, state.model_state, tokenizer, mesh, step, workdir)))
     if results:
         writer.write(step, results, console=False)
         print(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),

@@ -13,3 +13,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(tmp_path_factory):
+    """A small clip_demo (640 train pairs at 32 px), built once per test process."""
+    from clip_jax.data.prepare import prepare_demo
+
+    d = str(tmp_path_factory.mktemp("demo_tfds"))
+    prepare_demo(d, num_train=640, num_validation=48, num_test=40, image_size=32, verbose=False)
+    return d

@@ -309,13 +309,9 @@ def test_parse_tasks_and_checkpoint_step():
 # ------------------------------------------------------------------ real pipeline, tiny model
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    from clip_jax.data.prepare import prepare_demo
-
-    d = str(tmp_path_factory.mktemp("tfds"))
-    prepare_demo(d, num_train=640, num_validation=48, num_test=40, image_size=32, verbose=False)
-    return d
+@pytest.fixture
+def demo_dir(demo_data_dir):
+    return demo_data_dir
 
 
 def test_evaluators_on_clip_demo_with_a_tiny_model(demo_dir, mesh, tmp_path):
@@ -395,3 +391,38 @@ def test_evaluate_command_rejects_a_missing_step(tmp_path):
         evaluate_checkpoint(config, str(tmp_path), step=7, tasks="zeroshot:clip_demo")
     with pytest.raises(EvaluationError, match="no evaluation tasks"):
         evaluate_checkpoint(config, str(tmp_path), step=10)
+
+
+def test_evaluation_during_training_equals_the_standalone_command(demo_data_dir, tmp_path):
+    """Same checkpoint, 8 simulated devices: the training loop's evaluation at step 2 and
+    `python -m clip_jax.evaluate --step=2` (a separate process) write the same numbers."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from clip_jax import train as train_lib
+    from test_train import DEMO, smoke
+
+    c = smoke(DEMO, demo_data_dir, total_steps=2)
+    c.eval.every_steps = 2
+    c.eval.tasks = ("zeroshot:clip_demo@test,retrieval:clip_demo@validation,"
+                    "linear_probe:clip_demo@validation,tip_adapter:clip_demo@validation")
+    c.eval.tip_adapter.shots = (1, 2)
+    workdir = str(tmp_path)
+    train_lib.train(c, workdir)
+
+    def results(directory):
+        return {name: json.load(open(os.path.join(directory, name)))
+                for name in sorted(os.listdir(directory))}
+
+    during = results(os.path.join(workdir, "eval", "2"))
+    shutil.rmtree(os.path.join(workdir, "eval"))
+    subprocess.run([sys.executable, "-m", "clip_jax.evaluate", f"--workdir={workdir}", "--step=2"],
+                   check=True, capture_output=True)
+    standalone = results(os.path.join(workdir, "eval", "2"))
+
+    assert len(during) == 4 and during.keys() == standalone.keys()
+    for name, result in during.items():
+        assert result["num_examples"] == standalone[name]["num_examples"], name
+        assert result["metrics"] == standalone[name]["metrics"], name

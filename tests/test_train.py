@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
+from clip_jax import losses as losses_lib, optim, step as step_lib
 from clip_jax import train as train_lib
+from clip_jax.data import pipeline
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
+DEMO = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
 
 
 def load_experiment(path, variant=""):
@@ -24,9 +27,9 @@ def load_experiment(path, variant=""):
     return module.get_config(variant)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture
+def data_dir(demo_data_dir):
+    return demo_data_dir
 
 
 def smoke(path, data_dir, **changes):
@@ -58,9 +61,15 @@ def test_every_experiment_validates_and_its_smoke_variant_trains(path, data_dir,
     assert os.path.exists(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p))
+def test_config_json_round_trips(path):
+    """`config.json` is what `python -m clip_jax.evaluate` reads back from a workdir."""
+    c = load_experiment(path)
+    assert config_lib.from_dict(json.loads(config_lib.to_json(c))).to_dict() == c.to_dict()
+
+
 def test_resume_is_exact(data_dir, tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
-    c = smoke(path, data_dir, total_steps=4)
+    c = smoke(DEMO, data_dir, total_steps=4)
     c.checkpoint.every_steps = 2
     full = str(tmp_path / "full")
     train_lib.train(c, full)
@@ -79,13 +88,64 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 
 def test_fsdp_and_data_parallel_give_the_same_losses(data_dir, tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
     losses = {}
     for name, (d, f) in {"dp": (8, 1), "fsdp": (2, 4)}.items():
-        c = smoke(path, data_dir, total_steps=3, **{"mesh.data": d, "mesh.fsdp": f})
+        c = smoke(DEMO, data_dir, total_steps=5, **{"mesh.data": d, "mesh.fsdp": f})
         train_lib.train(c, str(tmp_path / name))
-        losses[name] = [read_metrics(str(tmp_path / name))[s]["loss"] for s in (1, 2, 3)]
+        losses[name] = [read_metrics(str(tmp_path / name))[s]["loss"] for s in range(1, 6)]
     np.testing.assert_allclose(losses["fsdp"], losses["dp"], rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_gives_each_device_a_quarter_of_every_large_parameter_and_moment(data_dir):
+    c = smoke(DEMO, data_dir, **{"mesh.data": 2, "mesh.fsdp": 4})
+    _, _, mesh, model = train_lib.setup(c)
+    tx = optim.make_optimizer(c.optim, c.total_steps)
+    state, _ = step_lib.create_train_state(model, tx, mesh, c.seed)
+
+    def large(tree):
+        return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+                if x.size >= 1024]
+
+    params, moments = large(state.params), large(state.opt_state)
+    # AdamW keeps two moments per parameter; a frozen tower would keep none.
+    assert len(params) >= 20 and len(moments) == 2 * len(params)
+    for name, x in params + moments:
+        shards = x.addressable_shards
+        assert len(shards) == 8
+        assert all(s.data.size * 4 == x.size for s in shards), (name, x.shape, x.sharding.spec)
+        # The 2-way data axis holds copies: 4 distinct pieces, each on 2 devices.
+        assert len({str(s.index) for s in shards}) == 4, name
+
+
+def test_a_tiny_model_overfits_256_pairs(data_dir):
+    c = smoke(DEMO, data_dir, batch_size=256, total_steps=300)
+    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 2e-3, 20, 0.0
+    _, tokenizer, mesh, model = train_lib.setup(c)
+    size = model.config.vision.image_size
+    # 256 pairs with distinct captions, so that in-batch retrieval has one right answer.
+    images, texts, seen = [], [], set()
+    for batch in pipeline.eval_loader("clip_demo", "train", data_dir, batch_size=64,
+                                      image_size=size, tokenizer=tokenizer):
+        for image, text, ok in zip(batch["image"], batch["text"], batch["mask"]):
+            if ok and text.tobytes() not in seen and len(texts) < 256:
+                seen.add(text.tobytes())
+                images.append(image)
+                texts.append(text)
+    assert len(texts) == 256
+    batch = pipeline.to_global({"image": np.stack(images), "text": np.stack(texts)}, mesh)
+
+    tx = optim.make_optimizer(c.optim, c.total_steps)
+    loss_fn = losses_lib.make_loss(c.loss.kind, mesh, c.loss.impl)
+    state, shardings = step_lib.create_train_state(model, tx, mesh, c.seed)
+    train_step = step_lib.make_train_step(model, tx, loss_fn, optim.schedule(c.optim, c.total_steps),
+                                          shardings, mesh)
+    eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
+    before = jax.device_get(eval_step(state.params, state.model_state, batch))
+    for _ in range(c.total_steps):
+        state, _ = train_step(state, batch)
+    after = jax.device_get(eval_step(state.params, state.model_state, batch))
+    assert before["i2t_acc"] < 0.1 and before["t2i_acc"] < 0.1
+    assert after["i2t_acc"] > 0.95 and after["t2i_acc"] > 0.95, after
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -95,8 +155,7 @@ def test_fsdp_and_data_parallel_give_the_same_losses(data_dir, tmp_path):
     ("data.name", "no_such_dataset", "no_such_dataset"),
 ])
 def test_bad_config_fails_fast_with_the_fix(key, value, message, data_dir, tmp_path):
-    path = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
-    c = smoke(path, data_dir)
+    c = smoke(DEMO, data_dir)
     node, *rest = key.split(".")
     if rest:
         c[node][rest[0]] = value

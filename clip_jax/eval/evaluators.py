@@ -1,7 +1,7 @@
 """Evaluators: zero-shot classification, retrieval, linear probe and Tip-Adapter on a model.
 
-The training loop (``run_tasks``, every ``eval.every_steps``) and ``python -m clip_jax.evaluate``
-run the same code. A task is written ``KIND:DATASET[@SPLIT]`` in the comma-separated
+The training loop (every ``eval.every_steps``) and ``python -m clip_jax.evaluate`` both call
+``evaluate_state``, so they give the same numbers for the same checkpoint. A task is written ``KIND:DATASET[@SPLIT]`` in the comma-separated
 ``eval.tasks`` (or ``--tasks``), for example::
 
     zeroshot:imagenet2012, zeroshot:imagenet_a, retrieval:coco_captions@test,
@@ -168,17 +168,8 @@ class Encoders:
 
     @classmethod
     def from_model(cls, model, params, model_state, mesh, batch_size: int) -> "Encoders":
-        rep = NamedSharding(mesh, P())
         variables = {"params": params, **(model_state or {})}
-
-        @functools.partial(jax.jit, out_shardings=rep)
-        def encode_image(variables, images):
-            return M.l2_normalize(model.apply(variables, images, method="encode_image"))
-
-        @functools.partial(jax.jit, out_shardings=rep)
-        def encode_text(variables, tokens):
-            return M.l2_normalize(model.apply(variables, tokens, method="encode_text"))
-
+        encode_image, encode_text = _jitted_encoders(model, mesh)
         return cls(functools.partial(encode_image, variables), functools.partial(encode_text, variables),
                    mesh, batch_size)
 
@@ -198,6 +189,22 @@ class Encoders:
             arr = jax.make_array_from_callback(chunk.shape, self._batch_sharding, lambda i, c=chunk: c[i])
             out.append(_host(self._text(arr))[:n])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_encoders(model, mesh):
+    """Built once per (model, mesh), so evaluating every E steps of a run compiles once."""
+    rep = NamedSharding(mesh, P())
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def encode_image(variables, images):
+        return M.l2_normalize(model.apply(variables, images, method="encode_image"))
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def encode_text(variables, tokens):
+        return M.l2_normalize(model.apply(variables, tokens, method="encode_text"))
+
+    return encode_image, encode_text
 
 
 def _host(x) -> np.ndarray:
@@ -572,17 +579,18 @@ def evaluate(evaluators: Sequence[Evaluator], ctx: EvalContext, step: int, workd
     return results
 
 
-def run_tasks(config, model, params, model_state, tokenizer, mesh, step: int, workdir: str | None = None,
-              tasks: str | None = None) -> dict[str, float]:
-    """The training loop's entry point: builds the evaluators of ``config.eval`` and runs them.
+def evaluate_state(config, model, params, model_state, tokenizer, mesh, step: int,
+                   workdir: str | None = None, tasks: str | None = None) -> list[dict]:
+    """Runs the evaluators of ``config.eval`` (or ``tasks``) on one model state.
 
-    Returns flat scalars ``{'TASK/metric': value}``; the caller logs them (TensorBoard).
+    The one path shared by the training loop and ``python -m clip_jax.evaluate``, so the two
+    give the same numbers for the same checkpoint.
     """
     evaluators = build_evaluators(config.eval, tasks)
     if not evaluators:
-        return {}
+        return []
     from clip_jax.config import resolve_data_dir  # noqa: PLC0415 (config imports this module)
-    data_dir = config.eval.get("data_dir", "") or resolve_data_dir(config)
+    data_dir = config.eval.data_dir or resolve_data_dir(config)
     encoders = Encoders.from_model(model, params, model_state, mesh, config.eval.batch_size)
     ctx = EvalContext(encoders, tokenizer, mesh, data_dir, model.config.vision.image_size)
-    return flat_metrics(evaluate(evaluators, ctx, step, workdir))
+    return evaluate(evaluators, ctx, step, workdir)

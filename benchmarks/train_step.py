@@ -1,0 +1,120 @@
+"""Throughput and MFU of the train step of any experiment config, on synthetic batches.
+
+    python benchmarks/train_step.py --config=experiments/demo.py
+    python benchmarks/train_step.py --config=experiments/vit_b32.py --config.batch_size=64
+    python benchmarks/train_step.py --config=experiments/vit_b32.py --config.batch_size=4096 \
+        --config.model.remat_policy=dots --steps=20
+
+Compiles exactly the step that training runs (`clip_jax.step.make_train_step`), times
+steady-state steps on random images and tokens (so the input pipeline is not measured:
+`benchmarks/input_pipeline.py` does that), and prints samples/s, the achieved model
+TFLOP/s, and MFU against the device's peak. Model FLOPs are counted analytically
+(`clip_jax.flops`: forward + backward of both towers and the similarity matrix, without
+rematerialisation's recomputation) and cross-checked against XLA's cost analysis of the
+compiled program, which does include recomputation and the optimizer update.
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from clip_jax import config as config_lib
+from clip_jax import flops, losses, optim, sharding, step as step_lib
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                lock_config=False)
+flags.DEFINE_integer("steps", 10, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("vocab_size", 49408, "Text vocabulary (no tokenizer is loaded).")
+flags.mark_flag_as_required("config")
+FLAGS = flags.FLAGS
+
+
+def synthetic_batch(model, batch_size: int, vocab_size: int, mesh) -> dict:
+    rng = np.random.default_rng(0)
+    v, t = model.config.vision, model.config.text
+    batch = {
+        "image": rng.integers(0, 256, (batch_size, v.image_size, v.image_size, 3), np.uint8),
+        "text": rng.integers(1, vocab_size - 1, (batch_size, t.context_length), np.int32),
+    }
+    batch["text"][:, -1] = vocab_size - 1  # every caption ends with EOT
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of the compiled program per device (None where the backend reports none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    value = (analysis or {}).get("flops")
+    return float(value) if value and value > 0 else None
+
+
+def main(_):
+    config = FLAGS.config
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
+    model = step_lib.build_model(config, FLAGS.vocab_size, FLAGS.vocab_size - 1)
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    schedule = optim.schedule(config.optim, config.total_steps)
+    loss_fn = losses.make_loss(config.loss.kind, mesh, config.loss.impl)
+    state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
+    train_step = step_lib.make_train_step(model, tx, loss_fn, schedule, shardings, mesh)
+    batch = synthetic_batch(model, config.batch_size, FLAGS.vocab_size, mesh)
+
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(FLAGS.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(FLAGS.steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+
+    n = jax.device_count()
+    step_s = float(np.median(times))
+    model_flops = flops.train_step_flops(model.config, config.batch_size)
+    per_device_xla = xla_flops(compiled)
+    memory = compiled.memory_analysis()
+    kind = jax.devices()[0].device_kind
+    peak = flops.peak_tflops(kind)
+    achieved = model_flops / step_s / n / 1e12  # per device
+
+    print(f"config        {config.model.name}, global batch {config.batch_size}, "
+          f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
+          f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
+          f"fsdp={config.mesh.fsdp} model={config.mesh.model}")
+    print(f"devices       {n} x {kind} ({jax.process_count()} process(es))")
+    print(f"parameters    {step_lib.param_count(state.params):,}")
+    print(f"compile       {compile_s:.1f} s")
+    print(f"step time     median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+    print(f"throughput    {config.batch_size / step_s:,.1f} samples/s, "
+          f"{config.batch_size / step_s / n:,.1f} per device")
+    print(f"model FLOPs   {model_flops / 1e9:,.1f} GFLOP per step (analytic, fwd+bwd)")
+    if per_device_xla is not None:
+        print(f"XLA FLOPs     {per_device_xla * n / 1e9:,.1f} GFLOP per step "
+              f"(cost analysis x {n} devices; ratio to analytic "
+              f"{per_device_xla * n / model_flops:.3f})")
+    else:
+        print("XLA FLOPs     not reported by this backend")
+    if memory is not None:
+        print(f"memory        {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
+              f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments per device")
+    print(f"achieved      {achieved:.3f} model TFLOP/s per device")
+    if peak:
+        print(f"MFU           {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak")
+    else:
+        print(f"MFU           n/a (no peak listed for '{kind}'; see clip_jax.flops.PEAK_TFLOPS)")
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_threefry_partitionable", True)
+    app.run(main)

@@ -1,0 +1,140 @@
+"""Preemption and crashes, with real signals sent to `python -m clip_jax.train` processes.
+
+The reference is the same config trained without interruption (in this process, on the
+same 8 simulated devices); an interrupted and resumed run must reproduce its per-step
+losses and its final parameters.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import optim, step as step_lib
+from clip_jax import train as train_lib
+from clip_jax.checkpoint import Checkpointer
+from test_train import load_experiment
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
+TOTAL_STEPS = 24
+
+
+def config(data_dir):
+    c = load_experiment(DEMO, "smoke")
+    c.data.data_dir = data_dir
+    c.total_steps = TOTAL_STEPS
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(demo_data_dir):
+    return demo_data_dir
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """Per-step losses and final parameters of the uninterrupted run."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    c = config(data_dir)
+    train_lib.train(c, workdir)
+    return losses_by_step(workdir), final_params(c, workdir)
+
+
+def losses_by_step(workdir) -> dict[int, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_params(c, workdir):
+    _, _, mesh, model = train_lib.setup(c)
+    tx = optim.make_optimizer(c.optim, c.total_steps)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.latest_step() == c.total_steps
+    state, _ = ckpt.restore(c.total_steps, step_lib.abstract_train_state(model, tx, mesh, c.seed))
+    ckpt.close()
+    return jax.device_get(state.params)
+
+
+def start_training(workdir, data_dir, *overrides) -> subprocess.Popen:
+    command = [sys.executable, "-m", "clip_jax.train", f"--config={DEMO}:smoke",
+               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+               f"--config.total_steps={TOTAL_STEPS}", *overrides]
+    # Inherits XLA_FLAGS from conftest: the same 8 simulated devices as the reference.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.005)
+
+
+def logged_steps(workdir) -> int:
+    try:
+        return len(losses_by_step(workdir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def finish_and_compare(c, workdir, data_dir, reference, interrupted_at):
+    done = start_training(workdir, data_dir)
+    out, _ = done.communicate(timeout=300)
+    assert done.returncode == 0, out
+    assert f"resumed from step {interrupted_at}" in out
+    ref_losses, ref_params = reference
+    got = losses_by_step(workdir)
+    assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+    # Bitwise: same devices, same program, same data order and RNG.
+    np.testing.assert_array_equal([got[s] for s in sorted(got)],
+                                  [ref_losses[s] for s in sorted(got)])
+    params = final_params(c, workdir)
+    for (path, want), got_leaf in zip(jax.tree_util.tree_leaves_with_path(ref_params),
+                                      jax.tree.leaves(params)):
+        np.testing.assert_array_equal(got_leaf, want, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(data_dir, reference, tmp_path):
+    workdir = str(tmp_path)
+    proc = start_training(workdir, data_dir, "--config.checkpoint.every_steps=10")
+    wait_for(lambda: logged_steps(workdir) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = Checkpointer(os.path.join(workdir, "checkpoints")).latest_step()
+    assert saved is not None and 3 <= saved < TOTAL_STEPS, out
+    assert f"saved step {saved}, exiting" in out
+    finish_and_compare(config(data_dir), workdir, data_dir, reference, saved)
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(
+        data_dir, reference, tmp_path):
+    workdir = str(tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    # A save at every step, asynchronous: one is almost always being written.
+    proc = start_training(workdir, data_dir, "--config.checkpoint.every_steps=1",
+                          "--config.checkpoint.keep=2")
+
+    def saving_after_a_complete_one():
+        names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        return any(n.isdigit() for n in names) and any(".orbax-checkpoint-tmp" in n for n in names)
+
+    wait_for(saving_after_a_complete_one, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    names = os.listdir(ckpt_dir)
+    assert any(".orbax-checkpoint-tmp" in n for n in names), f"no save was cut short: {names}"
+    complete = max(int(n) for n in names if n.isdigit())
+    assert Checkpointer(ckpt_dir).latest_step() == complete
+    finish_and_compare(config(data_dir), workdir, data_dir, reference, complete)
