@@ -29,6 +29,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("vocab_size", 49408, "Text vocabulary (no tokenizer is loaded).")
+flags.DEFINE_bool("compile_only", False, "Report FLOPs and per-device memory without running "
+                  "(to size batches or compare remat policies on a machine that cannot run them).")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
@@ -53,6 +55,20 @@ def xla_flops(compiled) -> float | None:
     return float(value) if value and value > 0 else None
 
 
+def time_steps(compiled, state, batch) -> list[float]:
+    """Seconds per step after `--warmup` untimed steps (the state is donated and replaced)."""
+    for _ in range(FLAGS.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(FLAGS.steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def main(_):
     config = FLAGS.config
     config_lib.validate(config, jax.device_count(), jax.process_count())
@@ -61,43 +77,36 @@ def main(_):
     tx = optim.make_optimizer(config.optim, config.total_steps)
     schedule = optim.schedule(config.optim, config.total_steps)
     loss_fn = losses.make_loss(config.loss.kind, mesh, config.loss.impl)
-    state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
+    if FLAGS.compile_only:  # shapes and shardings only: nothing is allocated
+        shardings = step_lib.state_shardings(model, tx, mesh, config.seed)
+        state = step_lib.abstract_train_state(model, tx, mesh, config.seed)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                 for k, v in step_lib.dummy_batch(model, config.batch_size).items()}
+    else:
+        state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
+        batch = synthetic_batch(model, config.batch_size, FLAGS.vocab_size, mesh)
     train_step = step_lib.make_train_step(model, tx, loss_fn, schedule, shardings, mesh)
-    batch = synthetic_batch(model, config.batch_size, FLAGS.vocab_size, mesh)
+    num_params = step_lib.param_count(state.params)
 
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(FLAGS.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(FLAGS.steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
+    times = [] if FLAGS.compile_only else time_steps(compiled, state, batch)
 
     n = jax.device_count()
-    step_s = float(np.median(times))
     model_flops = flops.train_step_flops(model.config, config.batch_size)
     per_device_xla = xla_flops(compiled)
     memory = compiled.memory_analysis()
     kind = jax.devices()[0].device_kind
     peak = flops.peak_tflops(kind)
-    achieved = model_flops / step_s / n / 1e12  # per device
 
     print(f"config        {config.model.name}, global batch {config.batch_size}, "
           f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
           f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
           f"fsdp={config.mesh.fsdp} model={config.mesh.model}")
     print(f"devices       {n} x {kind} ({jax.process_count()} process(es))")
-    print(f"parameters    {step_lib.param_count(state.params):,}")
+    print(f"parameters    {num_params:,}")
     print(f"compile       {compile_s:.1f} s")
-    print(f"step time     median {step_s * 1e3:.1f} ms over {FLAGS.steps} steps "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-    print(f"throughput    {config.batch_size / step_s:,.1f} samples/s, "
-          f"{config.batch_size / step_s / n:,.1f} per device")
     print(f"model FLOPs   {model_flops / 1e9:,.1f} GFLOP per step (analytic, fwd+bwd)")
     if per_device_xla is not None:
         print(f"XLA FLOPs     {per_device_xla * n / 1e9:,.1f} GFLOP per step "
@@ -108,6 +117,14 @@ def main(_):
     if memory is not None:
         print(f"memory        {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
               f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments per device")
+    if not times:
+        return
+    step_s = float(np.median(times))
+    achieved = model_flops / step_s / n / 1e12  # per device
+    print(f"step time     median {step_s * 1e3:.1f} ms over {len(times)} steps "
+          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+    print(f"throughput    {config.batch_size / step_s:,.1f} samples/s, "
+          f"{config.batch_size / step_s / n:,.1f} per device")
     print(f"achieved      {achieved:.3f} model TFLOP/s per device")
     if peak:
         print(f"MFU           {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak")

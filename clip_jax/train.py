@@ -201,8 +201,9 @@ def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mes
             config, model, state.params, state.model_state, tokenizer, mesh, step, workdir)))
     if results:
         writer.write(step, results, console=False)
-        print(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),
-              flush=True)
+        if jax.process_index() == 0:
+            print(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),
+                  flush=True)
     return results
 
 
