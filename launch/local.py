@@ -28,8 +28,10 @@ def main() -> int:
     args = parser.parse_args()
     train_args = [a for a in args.train_args if a != "--"]
     coordinator = f"localhost:{free_port()}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}")
+    # Appended: the last device count wins, other XLA flags of the caller are kept.
+    xla_flags = (os.environ.get("XLA_FLAGS", "") +
+                 f" --xla_force_host_platform_device_count={args.devices_per_process}").strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
     procs = [
         subprocess.Popen([sys.executable, "-m", "clip_jax.train", *train_args,
                           f"--coordinator={coordinator}", f"--num_processes={args.processes}",

@@ -408,7 +408,12 @@ def test_evaluation_during_training_equals_the_standalone_command(demo_data_dir,
     c.eval.every_steps = 2
     c.eval.tasks = ("zeroshot:clip_demo@test,retrieval:clip_demo@validation,"
                     "linear_probe:clip_demo@validation,tip_adapter:clip_demo@validation")
+    # Small searches: the point is equality of the two paths, not the accuracy.
     c.eval.tip_adapter.shots = (1, 2)
+    c.eval.tip_adapter.search_step = (20, 5)
+    c.eval.tip_adapter.linear_probe = False
+    c.eval.linear_probe.c_values = (0.1, 1.0, 10.0)
+    c.eval.linear_probe.refine_steps = 0
     workdir = str(tmp_path)
     train_lib.train(c, workdir)
 

@@ -26,13 +26,12 @@ def test_two_processes_train_like_one(demo_data_dir, tmp_path):
     train_lib.train(smoke(DEMO, demo_data_dir, **overrides), one)
 
     two = str(tmp_path / "two_processes")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # local.py sets 4 per process
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes=2",
          "--devices_per_process=4", "--", f"--config={DEMO}:smoke", f"--workdir={two}",
          f"--config.data.data_dir={demo_data_dir}", "--config.total_steps=4",
          "--config.checkpoint.every_steps=2"],
-        env=env, capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     want, got = losses(one), losses(two)
