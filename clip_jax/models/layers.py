@@ -13,6 +13,8 @@ Conventions used throughout ``clip_jax.models``:
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -60,9 +62,12 @@ def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+# Each activation saves only its input for the backward pass and recomputes the rest: left
+# to autodiff, quick_gelu would keep four [B, L, 4 * width] tensors per block, the largest
+# share of a block's activation memory.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": _gelu,
+    "quick_gelu": jax.checkpoint(quick_gelu),
+    "gelu": jax.checkpoint(_gelu),
 }
 
 
@@ -152,12 +157,26 @@ class LayerNorm(nn.Module):
         scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",),
                       self.param_dtype)
         bias = param(self, "bias", nn.initializers.zeros, (features,), ("norm",), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        return _layer_norm(x, scale, bias, self.epsilon, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _attention(q, k, v, causal: bool) -> jax.Array:
+    # Checkpointed: keeps q, k, v and recomputes the [heads, L, L] scores and probabilities
+    # (and the causal mask) in the backward pass, about 2% more FLOPs at CLIP's lengths.
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x, scale, bias, epsilon: float, dtype) -> jax.Array:
+    # Checkpointed: the backward pass keeps only x and recomputes the statistics, instead
+    # of the centred, normalised and scaled copies autodiff would save.
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(dtype)
 
 
 class Dense(nn.Module):
@@ -253,7 +272,7 @@ class MultiHeadAttention(nn.Module):
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
         # softmax(q k^T / sqrt(head_dim)) v; logits and softmax in float32.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        y = _attention(q, k, v, causal)
         return Dense((self.out_features or d,), ("heads", "head_dim"), (self.out_axis,),
                      out_std, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
 
