@@ -29,8 +29,9 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("vocab_size", 49408, "Text vocabulary (no tokenizer is loaded).")
-flags.DEFINE_bool("compile_only", False, "Report FLOPs and per-device memory without running "
-                  "(to size batches or compare remat policies on a machine that cannot run them).")
+flags.DEFINE_bool("compile_only", False, "Report FLOPs and per-device memory without running. "
+                  "Run it on the target accelerator to size batches: XLA:CPU's buffer assignment "
+                  "does not shrink with remat (benchmarks/activation_memory.py measures that).")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
