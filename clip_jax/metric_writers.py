@@ -42,7 +42,7 @@ class MetricWriter:
         eta = (self._total - step) / rate if rate > 0 else float("nan")
         shown = " ".join(
             f"{k}={record[k]:.4g}" for k in ("loss", "i2t_acc", "t2i_acc", "temperature", "lr",
-                                              "samples_per_s") if k in record)
+                                              "samples_per_s", "mfu") if k in record)
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--"
         return f"step {step}/{self._total} ({100 * step / self._total:.1f}%) {shown} eta {eta_text}"
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax import config as config_lib
-from clip_jax import losses, optim, sharding, step as step_lib
+from clip_jax import flops, losses, optim, sharding, step as step_lib
 from clip_jax.checkpoint import Checkpointer
 from clip_jax.data import pipeline
 from clip_jax.data.tokenizer import load_tokenizer
@@ -106,7 +106,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     writer = MetricWriter(workdir, config.total_steps)
     preempted = _PreemptionFlag()
-    window = _LogWindow(config.batch_size, jax.device_count())
+    window = _LogWindow(config.batch_size, jax.device_count(),
+                        flops.train_step_flops(model.config, config.batch_size),
+                        flops.peak_tflops(jax.devices()[0].device_kind))
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
     evaluated: dict[str, float] = {}
@@ -151,8 +153,10 @@ class NonFiniteError(RuntimeError):
 class _LogWindow:
     """Wall time, data-wait time and steps since the last logged step."""
 
-    def __init__(self, batch_size: int, n_devices: int):
+    def __init__(self, batch_size: int, n_devices: int, step_flops: float,
+                 peak_tflops: float | None):
         self.batch_size, self.n_devices = batch_size, n_devices
+        self.step_flops, self.peak_tflops = step_flops, peak_tflops
         self.reset()
 
     def reset(self):
@@ -166,12 +170,17 @@ class _LogWindow:
 
     def rates(self) -> dict[str, float]:
         elapsed, steps = max(time.time() - self.t0, 1e-9), max(self.steps, 1)
-        return {
+        tflops = self.step_flops * steps / elapsed / self.n_devices / 1e12
+        rates = {
             "step_time": elapsed / steps,
             "data_wait": self.data_wait / steps,
             "samples_per_s": self.batch_size * steps / elapsed,
             "samples_per_s_per_device": self.batch_size * steps / elapsed / self.n_devices,
+            "model_tflops_per_device": tflops,
         }
+        if self.peak_tflops:
+            rates["mfu"] = tflops / self.peak_tflops
+        return rates
 
 
 def _check_and_log(step, metrics, writer, window, loader, config, force=False):
