@@ -20,12 +20,11 @@ import numpy as np
 
 from clip_jax.models import CLIP, get_config
 from clip_jax.models.layers import REMAT_POLICIES
+from clip_jax.step import dummy_batch
 
 
 def residual_bytes(model: CLIP, params, batch: int) -> int:
-    v, t = model.config.vision, model.config.text
-    images = jax.ShapeDtypeStruct((batch, v.image_size, v.image_size, 3), jnp.uint8)
-    tokens = jax.ShapeDtypeStruct((batch, t.context_length), jnp.int32)
+    shapes = dummy_batch(model, batch)
 
     def residuals(params, images, tokens):
         def loss(params):
@@ -33,7 +32,7 @@ def residual_bytes(model: CLIP, params, batch: int) -> int:
             return jnp.sum(out["image_emb"] @ out["text_emb"].T)
         return jax.tree.leaves(jax.vjp(loss, params)[1])
 
-    leaves = jax.eval_shape(residuals, params, images, tokens)
+    leaves = jax.eval_shape(residuals, params, shapes["image"], shapes["text"])
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
 
 
@@ -50,10 +49,8 @@ def main():
     print(f"{'remat policy':<14} {'MiB per example':>16} {'GiB at batch ' + str(args.per_device_batch):>18}")
     for policy in args.policies.split(","):
         model = CLIP(get_config(args.model, dtype=args.dtype, remat_policy=policy))
-        c = model.config
-        params = jax.eval_shape(lambda m=model, c=c: m.init(
-            jax.random.key(0), jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.uint8),
-            jnp.zeros((1, c.text.context_length), jnp.int32)))
+        shapes = dummy_batch(model)
+        params = jax.eval_shape(model.init, jax.random.key(0), shapes["image"], shapes["text"])
         small, large = residual_bytes(model, params, 8), residual_bytes(model, params, 16)
         per_example = (large - small) / 8
         print(f"{policy:<14} {per_example / 2**20:>16.2f} "

@@ -7,15 +7,14 @@ import pytest
 
 from clip_jax import flops
 from clip_jax.models import CLIP, get_config
+from clip_jax.step import dummy_batch
 
 
 def _abstract(name, batch=2):
     model = CLIP(get_config(name))
-    c = model.config
-    images = jax.ShapeDtypeStruct((batch, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((batch, c.text.context_length), jnp.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
-    return model, params, images, tokens
+    shapes = dummy_batch(model, batch)
+    params = jax.eval_shape(model.init, jax.random.key(0), shapes["image"], shapes["text"])
+    return model, params, shapes["image"], shapes["text"]
 
 
 def _xla_flops(fn, *args) -> float:

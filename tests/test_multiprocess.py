@@ -2,7 +2,6 @@
 `launch/local.py`, train exactly like one process holding all 8 devices: each process reads
 only its half of every global batch, and the step all-reduces across processes."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,14 +9,9 @@ import sys
 import numpy as np
 
 from clip_jax import train as train_lib
-from test_train import DEMO, smoke
+from test_train import DEMO, read_metrics, smoke
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-
-
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def test_two_processes_train_like_one(demo_data_dir, tmp_path):
@@ -34,7 +28,8 @@ def test_two_processes_train_like_one(demo_data_dir, tmp_path):
         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
-    want, got = losses(one), losses(two)
+    want, got = read_metrics(one), read_metrics(two)
     assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([got[s]["loss"] for s in got], [want[s]["loss"] for s in got],
+                               rtol=1e-5, atol=1e-6)
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]

@@ -19,17 +19,13 @@ import pytest
 from clip_jax import optim, step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import Checkpointer
-from test_train import load_experiment
+from test_train import DEMO, read_metrics, smoke
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
 TOTAL_STEPS = 24
 
 
 def config(data_dir):
-    c = load_experiment(DEMO, "smoke")
-    c.data.data_dir = data_dir
-    c.total_steps = TOTAL_STEPS
-    return c
+    return smoke(DEMO, data_dir, total_steps=TOTAL_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +43,7 @@ def reference(data_dir, tmp_path_factory):
 
 
 def losses_by_step(workdir) -> dict[int, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {step: row["loss"] for step, row in read_metrics(workdir).items()}
 
 
 def final_params(c, workdir):

@@ -14,7 +14,6 @@ Conventions used throughout ``clip_jax.models``:
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -160,13 +159,6 @@ class LayerNorm(nn.Module):
         return _layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
-def _attention(q, k, v, causal: bool) -> jax.Array:
-    # Checkpointed: keeps q, k, v and recomputes the [heads, L, L] scores and probabilities
-    # (and the causal mask) in the backward pass, about 2% more FLOPs at CLIP's lengths.
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-
-
 @functools.partial(jax.checkpoint, static_argnums=(3, 4))
 def _layer_norm(x, scale, bias, epsilon: float, dtype) -> jax.Array:
     # Checkpointed: the backward pass keeps only x and recomputes the statistics, instead
@@ -237,6 +229,13 @@ class Conv(nn.Module):
         return jax.lax.conv_general_dilated(
             x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
             padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _attention(q, k, v, causal: bool) -> jax.Array:
+    # Checkpointed: keeps q, k, v and recomputes the [heads, L, L] scores and probabilities
+    # (and the causal mask) in the backward pass, about 2% more FLOPs at CLIP's lengths.
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
 
 
 class MultiHeadAttention(nn.Module):
