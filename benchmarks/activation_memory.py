@@ -30,6 +30,7 @@ def residual_bytes(model: CLIP, params, batch: int) -> int:
         def loss(params):
             out = model.apply(params, images, tokens)
             return jnp.sum(out["image_emb"] @ out["text_emb"].T)
+
         return jax.tree.leaves(jax.vjp(loss, params)[1])
 
     leaves = jax.eval_shape(residuals, params, shapes["image"], shapes["text"])
@@ -41,20 +42,26 @@ def main():
     parser.add_argument("--model", default="ViT-B/32")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--policies", default=",".join(REMAT_POLICIES))
-    parser.add_argument("--per_device_batch", type=int, default=256,
-                        help="batch at which to project the total")
+    parser.add_argument(
+        "--per_device_batch", type=int, default=256, help="batch at which to project the total"
+    )
     args = parser.parse_args()
 
     print(f"{args.model}, compute dtype {args.dtype}: activations kept for the backward pass")
-    print(f"{'remat policy':<14} {'MiB per example':>16} {'GiB at batch ' + str(args.per_device_batch):>18}")
+    print(
+        f"{'remat policy':<14} {'MiB per example':>16} "
+        f"{'GiB at batch ' + str(args.per_device_batch):>18}"
+    )
     for policy in args.policies.split(","):
         model = CLIP(get_config(args.model, dtype=args.dtype, remat_policy=policy))
         shapes = dummy_batch(model)
         params = jax.eval_shape(model.init, jax.random.key(0), shapes["image"], shapes["text"])
         small, large = residual_bytes(model, params, 8), residual_bytes(model, params, 16)
         per_example = (large - small) / 8
-        print(f"{policy:<14} {per_example / 2**20:>16.2f} "
-              f"{per_example * args.per_device_batch / 2**30:>18.2f}")
+        print(
+            f"{policy:<14} {per_example / 2**20:>16.2f} "
+            f"{per_example * args.per_device_batch / 2**30:>18.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ devices it runs on, plus inputs) exceeds ``--mem_budget_gib`` (default: 60% of M
 is skipped and the table says how much it would need; its memory column still comes from
 compiling alone.
 """
+
 import argparse
+import functools
 import os
 import sys
 
@@ -29,8 +31,9 @@ _p.add_argument("--no_time", action="store_true", help="compile only (memory col
 ARGS = _p.parse_args()
 
 # XLA reads the flag once, when the backend starts: set it before jax is imported.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -42,7 +45,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from clip_jax import losses, sharding  # noqa: E402
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def _mem_available() -> float:
@@ -57,7 +60,7 @@ def _mem_available() -> float:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
 
 
 def _compile(kind: str, impl: str, batch: int, width: int, mesh):
@@ -73,8 +76,9 @@ def _compile(kind: str, impl: str, batch: int, width: int, mesh):
     bias = kind == "sigmoid"
 
     def loss_and_grads(img, txt, scale, b):
-        return jax.value_and_grad(lambda i, t, s: fn(i, t, s, b if bias else None)[0],
-                                  argnums=(0, 1, 2))(img, txt, scale)
+        return jax.value_and_grad(
+            lambda i, t, s: fn(i, t, s, b if bias else None)[0], argnums=(0, 1, 2)
+        )(img, txt, scale)
 
     emb = jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=emb_sh)
     scal = jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar_sh)
@@ -102,45 +106,57 @@ def _inputs(batch, width, emb_sh, scalar_sh):
 def main():
     batches = [int(b) for b in ARGS.batches.split(",")]
     impls = ARGS.impls.split(",")
-    budget = (ARGS.mem_budget_gib * GIB if ARGS.mem_budget_gib is not None
-              else 0.6 * _mem_available())
+    budget = (
+        ARGS.mem_budget_gib * GIB if ARGS.mem_budget_gib is not None else 0.6 * _mem_available()
+    )
     mesh = sharding.make_mesh(data=-1)  # all simulated devices on the batch axes
     n = mesh.size
-    print(f"# {ARGS.kind} loss + grad (d/d image_emb, text_emb, logit_scale), width "
-          f"{ARGS.width}, float32, {n} simulated CPU devices (jax {jax.__version__}, "
-          f"{os.cpu_count()} host cores), host-memory budget for timed runs "
-          f"{_fmt_bytes(budget)}")
-    print("# temp = compiled.memory_analysis().temp_size_in_bytes per device "
-          "(dense: unsharded, one device); time = one evaluation after one warm-up")
-    header = (f"| {'global B':>9} | {'impl':<15} | {'b_local':>7} | {'temp / device':>14} "
-              f"| {'largest loss matrix':>26} | {'time':>24} |")
+    print(
+        f"# {ARGS.kind} loss + grad (d/d image_emb, text_emb, logit_scale), width "
+        f"{ARGS.width}, float32, {n} simulated CPU devices (jax {jax.__version__}, "
+        f"{os.cpu_count()} host cores), host-memory budget for timed runs "
+        f"{_fmt_bytes(budget)}"
+    )
+    print(
+        "# temp = compiled.memory_analysis().temp_size_in_bytes per device "
+        "(dense: unsharded, one device); time = one evaluation after one warm-up"
+    )
+    header = (
+        f"| {'global B':>9} | {'impl':<15} | {'b_local':>7} | {'temp / device':>14} "
+        f"| {'largest loss matrix':>26} | {'time':>24} |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for batch in batches:
         for impl in impls:
-            compiled, emb_sh, scalar_sh, n_dev = _compile(ARGS.kind, impl, batch, ARGS.width,
-                                                          mesh)
+            compiled, emb_sh, scalar_sh, n_dev = _compile(ARGS.kind, impl, batch, ARGS.width, mesh)
             temp = compiled.memory_analysis().temp_size_in_bytes
             b = batch if impl == "dense" else batch // n
             cols = {"dense": batch, "gather": batch, "ring": b}[impl]
             largest = f"{b} x {cols} ({_fmt_bytes(4 * b * cols)})"
             need = temp * n_dev + 4 * 2 * batch * ARGS.width * 3
-            label = {"dense": "dense (1 dev)", "gather": f"gather ({n} dev)",
-                     "ring": f"ring ({n} dev)"}[impl]
+            label = {
+                "dense": "dense (1 dev)",
+                "gather": f"gather ({n} dev)",
+                "ring": f"ring ({n} dev)",
+            }[impl]
             if ARGS.no_time:
                 timing = "not run"
             elif need > budget:
                 timing = f"skipped (needs {_fmt_bytes(need)})"
             else:
                 args = _inputs(batch, ARGS.width, emb_sh, scalar_sh)
-                call = lambda: compiled(*args)  # noqa: E731
+                call = functools.partial(compiled, *args)
                 jax.block_until_ready(call())  # warm-up
                 t0 = time.perf_counter()
                 jax.block_until_ready(call())
                 timing = f"{time.perf_counter() - t0:.3f} s"
                 del args
-            print(f"| {batch:>9} | {label:<15} | {b:>7} | {_fmt_bytes(temp):>14} | "
-                  f"{largest:>26} | {timing:>24} |", flush=True)
+            print(
+                f"| {batch:>9} | {label:<15} | {b:>7} | {_fmt_bytes(temp):>14} | "
+                f"{largest:>26} | {timing:>24} |",
+                flush=True,
+            )
             del compiled
     return 0
 

@@ -22,16 +22,22 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clip_jax import config as config_lib
-from clip_jax import flops, losses, optim, sharding, step as step_lib
+from clip_jax import flops, losses, optim, sharding
+from clip_jax import step as step_lib
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                lock_config=False)
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:variant].", lock_config=False
+)
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_integer("vocab_size", 49408, "Text vocabulary (no tokenizer is loaded).")
-flags.DEFINE_bool("compile_only", False, "Report FLOPs and per-device memory without running. "
-                  "Run it on the target accelerator to size batches: XLA:CPU's buffer assignment "
-                  "does not shrink with remat (benchmarks/activation_memory.py measures that).")
+flags.DEFINE_bool(
+    "compile_only",
+    False,
+    "Report FLOPs and per-device memory without running. "
+    "Run it on the target accelerator to size batches: XLA:CPU's buffer assignment "
+    "does not shrink with remat (benchmarks/activation_memory.py measures that).",
+)
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
@@ -81,8 +87,10 @@ def main(_):
     if FLAGS.compile_only:  # shapes and shardings only: nothing is allocated
         shardings = step_lib.state_shardings(model, tx, mesh, config.seed)
         state = step_lib.abstract_train_state(model, tx, mesh, config.seed)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-                 for k, v in step_lib.dummy_batch(model, config.batch_size).items()}
+        batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+            for k, v in step_lib.dummy_batch(model, config.batch_size).items()
+        }
     else:
         state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
         batch = synthetic_batch(model, config.batch_size, FLAGS.vocab_size, mesh)
@@ -101,31 +109,41 @@ def main(_):
     kind = jax.devices()[0].device_kind
     peak = flops.peak_tflops(kind)
 
-    print(f"config        {config.model.name}, global batch {config.batch_size}, "
-          f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
-          f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
-          f"fsdp={config.mesh.fsdp} model={config.mesh.model}")
+    print(
+        f"config        {config.model.name}, global batch {config.batch_size}, "
+        f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
+        f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
+        f"fsdp={config.mesh.fsdp} model={config.mesh.model}"
+    )
     print(f"devices       {n} x {kind} ({jax.process_count()} process(es))")
     print(f"parameters    {num_params:,}")
     print(f"compile       {compile_s:.1f} s")
     print(f"model FLOPs   {model_flops / 1e9:,.1f} GFLOP per step (analytic, fwd+bwd)")
     if per_device_xla is not None:
-        print(f"XLA FLOPs     {per_device_xla * n / 1e9:,.1f} GFLOP per step "
-              f"(cost analysis x {n} devices; ratio to analytic "
-              f"{per_device_xla * n / model_flops:.3f})")
+        print(
+            f"XLA FLOPs     {per_device_xla * n / 1e9:,.1f} GFLOP per step "
+            f"(cost analysis x {n} devices; ratio to analytic "
+            f"{per_device_xla * n / model_flops:.3f})"
+        )
     else:
         print("XLA FLOPs     not reported by this backend")
     if memory is not None:
-        print(f"memory        {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
-              f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments per device")
+        print(
+            f"memory        {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
+            f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments per device"
+        )
     if not times:
         return
     step_s = float(np.median(times))
     achieved = model_flops / step_s / n / 1e12  # per device
-    print(f"step time     median {step_s * 1e3:.1f} ms over {len(times)} steps "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-    print(f"throughput    {config.batch_size / step_s:,.1f} samples/s, "
-          f"{config.batch_size / step_s / n:,.1f} per device")
+    print(
+        f"step time     median {step_s * 1e3:.1f} ms over {len(times)} steps "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})"
+    )
+    print(
+        f"throughput    {config.batch_size / step_s:,.1f} samples/s, "
+        f"{config.batch_size / step_s / n:,.1f} per device"
+    )
     print(f"achieved      {achieved:.3f} model TFLOP/s per device")
     if peak:
         print(f"MFU           {100 * achieved / peak:.1f}% of {peak:.0f} TFLOP/s bf16 peak")

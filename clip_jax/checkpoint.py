@@ -31,8 +31,9 @@ def _decode_loader_state(stored: dict) -> Any:
 class Checkpointer:
     """Saves and restores (train state, loader state) pairs under `directory`."""
 
-    def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0,
-                 async_save: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True
+    ):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             keep_period=keep_period or None,
@@ -41,7 +42,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            epath.Path(directory).absolute(), options=options, item_names=("state", "loader"))
+            epath.Path(directory).absolute(), options=options, item_names=("state", "loader")
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -50,21 +52,29 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, loader_state: Any) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            loader=ocp.args.JsonSave(_encode_loader_state(loader_state)),
-        ), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loader=ocp.args.JsonSave(_encode_loader_state(loader_state)),
+            ),
+            force=True,
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
         """`abstract_state`: jax.ShapeDtypeStructs with shardings, so arrays land in place."""
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self._manager.directory}; "
-                f"available steps: {self.all_steps() or 'none'}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            loader=ocp.args.JsonRestore(),
-        ))
+                f"available steps: {self.all_steps() or 'none'}"
+            )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                loader=ocp.args.JsonRestore(),
+            ),
+        )
         return restored.state, _decode_loader_state(restored.loader)
 
     def reached_preemption(self, step: int) -> bool:
@@ -76,4 +86,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-

@@ -90,6 +90,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     # Evaluators own their keys (every_steps, batch_size, tasks and one group per kind).
     from clip_jax.eval.evaluators import config_schema  # noqa: PLC0415
+
     c.eval = config_schema()
     return c
 
@@ -99,8 +100,13 @@ def _walk(schema: ml_collections.ConfigDict, config: ml_collections.ConfigDict, 
         path = f"{prefix}{key}"
         if key not in schema:
             hint = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            fix = f"did you mean '{prefix}{hint[0]}'?" if hint else (
-                f"known keys under '{prefix or 'config.'}': {', '.join(sorted(schema.keys()))}")
+            fix = (
+                f"did you mean '{prefix}{hint[0]}'?"
+                if hint
+                else (
+                    f"known keys under '{prefix or 'config.'}': {', '.join(sorted(schema.keys()))}"
+                )
+            )
             raise ConfigError(f"unknown config key '{path}': {fix}")
         want, got = schema[key], config[key]
         if isinstance(want, ml_collections.ConfigDict):
@@ -116,16 +122,20 @@ def _walk(schema: ml_collections.ConfigDict, config: ml_collections.ConfigDict, 
         if not ok:
             raise ConfigError(
                 f"config key '{path}' must be {type(want).__name__}, got {got!r} "
-                f"({type(got).__name__})")
+                f"({type(got).__name__})"
+            )
 
 
 def _choice(path: str, value: str, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(f"config key '{path}' is {value!r}; allowed: {', '.join(map(repr, allowed))}")
+        raise ConfigError(
+            f"config key '{path}' is {value!r}; allowed: {', '.join(map(repr, allowed))}"
+        )
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_processes: int = 1) -> None:
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1
+) -> None:
     """Raises ConfigError on the first problem; cheap, runs before any compilation."""
     _walk(defaults(), config, "")
     _choice("loss.kind", config.loss.kind, LOSS_KINDS)
@@ -144,32 +154,40 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     if not 0 < config.data.crop_scale_min <= config.data.crop_scale_max <= 1:
         raise ConfigError(
             "need 0 < data.crop_scale_min <= data.crop_scale_max <= 1, got "
-            f"{config.data.crop_scale_min}, {config.data.crop_scale_max}")
+            f"{config.data.crop_scale_min}, {config.data.crop_scale_max}"
+        )
     if config.optim.warmup_steps > config.total_steps:
         raise ConfigError(
             f"optim.warmup_steps={config.optim.warmup_steps} exceeds total_steps="
-            f"{config.total_steps}: lower the warm-up or train longer")
+            f"{config.total_steps}: lower the warm-up or train longer"
+        )
     if num_devices is not None:
         sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.model)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"mesh sizes (data, fsdp, model) = {sizes}: use positive sizes and at "
-                              "most one -1 ('the rest')")
+            raise ConfigError(
+                f"mesh sizes (data, fsdp, model) = {sizes}: use positive sizes and at "
+                "most one -1 ('the rest')"
+            )
         fixed = 1
         for s in sizes:
             fixed *= s if s > 0 else 1
         if num_devices % fixed or (-1 not in sizes and fixed != num_devices):
             raise ConfigError(
                 f"mesh (data={sizes[0]}, fsdp={sizes[1]}, model={sizes[2]}) does not match the "
-                f"{num_devices} devices: make the product equal {num_devices}, or set one size to -1")
+                f"{num_devices} devices: make the product equal {num_devices}, "
+                "or set one size to -1"
+            )
         data, fsdp, model = (s if s > 0 else num_devices // fixed for s in sizes)
         batch_shards = data * fsdp
         if config.batch_size % batch_shards:
             raise ConfigError(
                 f"batch_size={config.batch_size} is not divisible by the {batch_shards} devices "
-                f"that split the batch (mesh data x fsdp): use a multiple of {batch_shards}")
+                f"that split the batch (mesh data x fsdp): use a multiple of {batch_shards}"
+            )
         if config.batch_size % num_processes:
-            raise ConfigError(f"batch_size={config.batch_size} is not divisible by the "
-                              f"{num_processes} processes")
+            raise ConfigError(
+                f"batch_size={config.batch_size} is not divisible by the {num_processes} processes"
+            )
 
 
 def resolve_data_dir(config: ml_collections.ConfigDict) -> str:

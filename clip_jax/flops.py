@@ -12,7 +12,9 @@ from clip_jax.models import CLIPConfig
 
 def transformer_forward(tokens: int, width: int, layers: int) -> float:
     """Per example: QKV and output projections, attention scores and mixing, a 4x MLP."""
-    per_layer = 2 * tokens * (4 * width * width + 8 * width * width) + 2 * 2 * tokens * tokens * width
+    per_layer = (
+        2 * tokens * (4 * width * width + 8 * width * width) + 2 * 2 * tokens * tokens * width
+    )
     return layers * per_layer
 
 
@@ -35,7 +37,7 @@ def resnet_forward(image_size: int, stage_blocks, width: int, heads: int, embed_
     s //= 2  # average pool after the stem
     cin = width
     for stage, blocks in enumerate(stage_blocks):
-        planes = width * 2 ** stage
+        planes = width * 2**stage
         stride = 1 if stage == 0 else 2
         for b in range(blocks):
             st = stride if b == 0 else 1
@@ -71,8 +73,15 @@ def train_step_flops(config: CLIPConfig, global_batch: int) -> float:
 
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets (no sparsity).
 PEAK_TFLOPS = {
-    "TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v6 lite": 918,
-    "TPU v6e": 918, "A100": 312, "H100": 989, "H200": 989,
+    "TPU v4": 275,
+    "TPU v5 lite": 197,
+    "TPU v5e": 197,
+    "TPU v5p": 459,
+    "TPU v6 lite": 918,
+    "TPU v6e": 918,
+    "A100": 312,
+    "H100": 989,
+    "H200": 989,
 }
 
 

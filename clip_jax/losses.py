@@ -26,6 +26,7 @@ float32 (``preferred_element_type``), whatever the embedding dtype.
   gradient accumulator along with it, so per-device loss memory is ``O(b^2 + b*D)`` in both
   passes (no residual grows with the number of devices).
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,17 +57,14 @@ def _check_inputs(kind: str, image_emb, text_emb, logit_scale, logit_bias):
     """Trace-time checks shared by every form. Returns the scale / bias as f32 scalars."""
     for name, x in (("image_emb", image_emb), ("text_emb", text_emb)):
         if jnp.ndim(x) != 2:
-            raise ValueError(
-                f"{name} must be 2-D [batch, width]; got shape {tuple(jnp.shape(x))}."
-            )
+            raise ValueError(f"{name} must be 2-D [batch, width]; got shape {tuple(jnp.shape(x))}.")
     if jnp.shape(image_emb) != jnp.shape(text_emb):
         raise ValueError(
             "image_emb and text_emb must have the same [batch, width]; got image_emb shape "
             f"{tuple(jnp.shape(image_emb))} and text_emb shape {tuple(jnp.shape(text_emb))}."
         )
     if jnp.shape(image_emb)[0] == 0:
-        raise ValueError("the batch is empty (image_emb shape "
-                         f"{tuple(jnp.shape(image_emb))}).")
+        raise ValueError(f"the batch is empty (image_emb shape {tuple(jnp.shape(image_emb))}).")
     if math.prod(jnp.shape(logit_scale)) != 1:
         raise ValueError(
             f"logit_scale must be a scalar; got shape {tuple(jnp.shape(logit_scale))}."
@@ -93,9 +91,7 @@ def _check_kind(kind: str):
 def _sim(q, k):
     """``q @ k.T`` with float32 accumulation and output."""
     dtype = jnp.result_type(q, k)
-    return jnp.einsum(
-        "id,jd->ij", q.astype(dtype), k.astype(dtype), preferred_element_type=_F32
-    )
+    return jnp.einsum("id,jd->ij", q.astype(dtype), k.astype(dtype), preferred_element_type=_F32)
 
 
 def _row_dot(a, b):
@@ -247,20 +243,24 @@ def _ring_forward(kind, axes, n, image, text, scale, bias):
         logits, cols = tile(s, txt_blk)
         bm, cm = jnp.max(logits, 1), jnp.max(logits, 0)
         new_row_m, row_arg = _argmax_merge(row["m"], row["arg"], bm, cols[jnp.argmax(logits, 1)])
-        new_col_m, col_arg = _argmax_merge(colst["m"], colst["arg"], cm,
-                                           rows[jnp.argmax(logits, 0)])
+        new_col_m, col_arg = _argmax_merge(
+            colst["m"], colst["arg"], cm, rows[jnp.argmax(logits, 0)]
+        )
         new_row, new_col = {"m": new_row_m, "arg": row_arg}, {"m": new_col_m, "arg": col_arg}
         if kind == "softmax":
             new_row["s"] = row["s"] * jnp.exp(row["m"] - new_row_m) + jnp.sum(
-                jnp.exp(logits - new_row_m[:, None]), 1)
+                jnp.exp(logits - new_row_m[:, None]), 1
+            )
             new_col["s"] = colst["s"] * jnp.exp(colst["m"] - new_col_m) + jnp.sum(
-                jnp.exp(logits - new_col_m[None, :]), 0)
+                jnp.exp(logits - new_col_m[None, :]), 0
+            )
         else:
             acc = acc + jnp.sum(jax.nn.softplus(logits))  # -log_sigmoid(-z): all negatives
         return new_row, new_col, acc
 
     row, colst, acc = first(text)
     if n > 1:
+
         def body(s, carry):
             txt_blk, row, colst, acc = carry
             txt_blk = shift(txt_blk)
@@ -305,7 +305,8 @@ def _ring_backward(kind, axes, n, image, text, scale, bias, stats, cts):
         logits = scale * sim + bias
         if kind == "softmax":
             g = g_row[:, None] * jnp.exp(logits - row_lse[:, None]) + travel["g"][
-                None, :] * jnp.exp(logits - travel["lse"][None, :])
+                None, :
+            ] * jnp.exp(logits - travel["lse"][None, :])
         else:
             # d/dz -log_sigmoid(y z) = sigmoid(z) - [y == +1]; positives only in step 0.
             pos = eye if is_first else 0.0
@@ -318,9 +319,11 @@ def _ring_backward(kind, axes, n, image, text, scale, bias, stats, cts):
         return dtxt, dimg, dscale, dbias
 
     zero_like = lambda x: jnp.zeros(x.shape, _F32)  # noqa: E731
-    dtxt, dimg, dscale, dbias = step(True, travel, zero_like(text), zero_like(image),
-                                     jnp.zeros((), _F32), jnp.zeros((), _F32))
+    dtxt, dimg, dscale, dbias = step(
+        True, travel, zero_like(text), zero_like(image), jnp.zeros((), _F32), jnp.zeros((), _F32)
+    )
     if n > 1:
+
         def body(s, carry):
             travel, dtxt, dimg, dscale, dbias = carry
             travel, dtxt = shift(travel), shift(dtxt)
@@ -328,7 +331,8 @@ def _ring_backward(kind, axes, n, image, text, scale, bias, stats, cts):
             return travel, dtxt, dimg, dscale, dbias
 
         _, dtxt, dimg, dscale, dbias = lax.fori_loop(
-            1, n, body, (travel, dtxt, dimg, dscale, dbias))
+            1, n, body, (travel, dtxt, dimg, dscale, dbias)
+        )
         dtxt = shift(dtxt)  # home
     return dimg.astype(image.dtype), dtxt.astype(text.dtype), dscale, dbias
 
@@ -345,8 +349,7 @@ def _ring_core_fwd(kind, axes, n, image, text, scale, bias):
 
 def _ring_core_bwd(kind, axes, n, res, cts):
     image, text, scale, bias, stats = res
-    dimg, dtxt, dscale, dbias = _ring_backward(kind, axes, n, image, text, scale, bias,
-                                               stats, cts)
+    dimg, dtxt, dscale, dbias = _ring_backward(kind, axes, n, image, text, scale, bias, stats, cts)
     return dimg, dtxt, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
@@ -378,8 +381,12 @@ def _ring_body(kind, axes, n, image, text, scale, bias):
 # --------------------------------------------------------------------------------------------
 
 
-def make_loss(kind: str, mesh: jax.sharding.Mesh | None = None, impl: str = "gather",
-              batch_axes: Sequence[str] | str = ("data", "fsdp")) -> LossFn:
+def make_loss(
+    kind: str,
+    mesh: jax.sharding.Mesh | None = None,
+    impl: str = "gather",
+    batch_axes: Sequence[str] | str = ("data", "fsdp"),
+) -> LossFn:
     """Returns ``loss_fn(image_emb, text_emb, logit_scale, logit_bias=None) -> (loss, metrics)``.
 
     Args:
@@ -433,4 +440,3 @@ def make_loss(kind: str, mesh: jax.sharding.Mesh | None = None, impl: str = "gat
     loss_fn.__name__ = f"{kind}_{impl}_loss"
     loss_fn.__doc__ = make_loss.__doc__
     return loss_fn
-

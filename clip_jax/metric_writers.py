@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 
@@ -21,6 +21,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         from tensorboardX import SummaryWriter  # no TensorFlow import on the training path
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], *, console: bool = True) -> None:
@@ -41,8 +42,10 @@ class MetricWriter:
         rate = done / max(time.time() - self._t0, 1e-9)
         eta = (self._total - step) / rate if rate > 0 else float("nan")
         shown = " ".join(
-            f"{k}={record[k]:.4g}" for k in ("loss", "i2t_acc", "t2i_acc", "temperature", "lr",
-                                              "samples_per_s", "mfu") if k in record)
+            f"{k}={record[k]:.4g}"
+            for k in ("loss", "i2t_acc", "t2i_acc", "temperature", "lr", "samples_per_s", "mfu")
+            if k in record
+        )
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--"
         return f"step {step}/{self._total} ({100 * step / self._total:.1f}%) {shown} eta {eta_text}"
 

@@ -28,19 +28,27 @@ def tower_of(path) -> str:
 
 def decay_mask(params):
     """True where weight decay applies: matrices and convolution kernels, nothing else."""
+
     def keep(path, leaf):
         return leaf.ndim >= 2 and _path_names(path)[-1] not in _NO_DECAY_NAMES
+
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `lr`, then cosine decay to `lr * end_lr_ratio`."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_ratio)
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.end_lr_ratio,
+    )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
     """AdamW (decoupled decay, masked) per tower, global-norm clipping over all of them."""
     lr = schedule(cfg, total_steps)
     mu_dtype = jnp.bfloat16 if cfg.mu_dtype == "bfloat16" else jnp.float32
@@ -63,7 +71,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
         def label(path, _):
             tower = tower_of(path)
             return "frozen" if tower == cfg.freeze else tower
+
         return jax.tree_util.tree_map_with_path(label, params)
 
-    clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm > 0 else optax.identity()
+    clip = (
+        optax.clip_by_global_norm(cfg.grad_clip_norm)
+        if cfg.grad_clip_norm > 0
+        else optax.identity()
+    )
     return optax.chain(clip, optax.multi_transform(transforms, labels))

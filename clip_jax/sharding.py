@@ -8,6 +8,7 @@ every parameter (``nn.with_logical_partitioning``) to mesh axes.
 Mesh axes are ``AxisType.Auto`` (the partitioner propagates shardings; ``shard_map`` regions
 such as the sharded losses are manual). ``jax.make_mesh`` would default to ``Explicit`` axes.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,20 @@ MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("dp", "fsdp")
 # Logical names the models attach to parameters (docs/architecture.md).
-LOGICAL_NAMES = ("embed", "mlp", "heads", "head_dim", "vocab", "position", "proj",
-                 "conv_in", "conv_out", "conv_h", "conv_w", "norm")
+LOGICAL_NAMES = (
+    "embed",
+    "mlp",
+    "heads",
+    "head_dim",
+    "vocab",
+    "position",
+    "proj",
+    "conv_in",
+    "conv_out",
+    "conv_h",
+    "conv_w",
+    "norm",
+)
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -50,8 +63,9 @@ Rules = tuple[tuple[str, Any], ...]
 # --------------------------------------------------------------------------------------------
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, model: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
     """A ``Mesh`` over ``devices`` (default: all devices of all processes) with axes
     ``('data', 'fsdp', 'model')``.
 
@@ -64,27 +78,33 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
     count = len(devices)
     sizes = {"data": data, "fsdp": fsdp, "model": model}
     for name, size in sizes.items():
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-                size < 1 and size != -1):
+        if (
+            not isinstance(size, (int, np.integer))
+            or isinstance(size, bool)
+            or (size < 1 and size != -1)
+        ):
             raise ValueError(f"mesh axis size {name}={size!r} must be a positive int or -1.")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise ValueError(
-            f"at most one mesh axis may be -1 (\"the rest\"); got {sizes}. Fix all but one.")
+            f'at most one mesh axis may be -1 ("the rest"); got {sizes}. Fix all but one.'
+        )
     if free:
         fixed = math.prod(size for size in sizes.values() if size != -1)
         if count % fixed:
             raise ValueError(
                 f"cannot fill {free[0]}=-1: the other axes {sizes} multiply to {fixed}, which "
                 f"does not divide the {count} devices. Choose sizes whose product divides "
-                f"{count}.")
+                f"{count}."
+            )
         sizes[free[0]] = count // fixed
     shape = tuple(int(sizes[a]) for a in MESH_AXES)
     if math.prod(shape) != count:
         raise ValueError(
             f"mesh sizes data={shape[0]} x fsdp={shape[1]} x model={shape[2]} = "
             f"{math.prod(shape)} do not match the {count} devices. Make the product "
-            f"{count}, or pass -1 for one axis to take the rest (e.g. data=-1).")
+            f"{count}, or pass -1 for one axis to take the rest (e.g. data=-1)."
+        )
 
     slices = {getattr(d, "slice_index", 0) for d in devices}
     if len(slices) > 1:
@@ -92,9 +112,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
         if shape[0] % n_slices:
             raise ValueError(
                 f"the devices span {n_slices} slices; the data axis ({shape[0]}) must be a "
-                f"multiple of {n_slices} so that only data parallelism crosses slices.")
+                f"multiple of {n_slices} so that only data parallelism crosses slices."
+            )
         grid = mesh_utils.create_hybrid_device_mesh(
-            (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices)
+            (shape[0] // n_slices, shape[1], shape[2]), (n_slices, 1, 1), devices
+        )
     else:
         try:
             grid = mesh_utils.create_device_mesh(shape, devices)
@@ -152,8 +174,7 @@ def _as_axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _resolve(shape: Sequence[int], dim_names: Sequence[Any], rules: Rules | None,
-             mesh: Mesh) -> P:
+def _resolve(shape: Sequence[int], dim_names: Sequence[Any], rules: Rules | None, mesh: Mesh) -> P:
     """PartitionSpec for one array.
 
     With ``rules`` (logical names): the rules are visited in order; a rule applies to a dim
@@ -164,8 +185,9 @@ def _resolve(shape: Sequence[int], dim_names: Sequence[Any], rules: Rules | None
     """
     ndim = len(shape)
     if len(dim_names) != ndim:
-        raise ValueError(f"partition names {tuple(dim_names)} do not match array shape "
-                         f"{tuple(shape)}.")
+        raise ValueError(
+            f"partition names {tuple(dim_names)} do not match array shape {tuple(shape)}."
+        )
     assigned: list[tuple[str, ...]] = [()] * ndim
     used: set[str] = set()
 
@@ -174,8 +196,12 @@ def _resolve(shape: Sequence[int], dim_names: Sequence[Any], rules: Rules | None
             return False
         size = math.prod(mesh.shape[a] for a in axes)
         # Size-1 axes split nothing: leave them out of the spec (keeps specs readable).
-        return (size > 1 and not used.intersection(axes) and len(set(axes)) == len(axes)
-                and shape[i] % size == 0)
+        return (
+            size > 1
+            and not used.intersection(axes)
+            and len(set(axes)) == len(axes)
+            and shape[i] % size == 0
+        )
 
     if rules is None:
         for i, entry in enumerate(dim_names):
@@ -234,8 +260,9 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules: Rules) -> Any
     replicated (so tiny test models work on any mesh), and no parameter uses a mesh axis twice.
     """
     specs = param_partition_specs(abstract_boxed_params, mesh, rules)
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, P))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -6,7 +6,8 @@ step that training runs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -16,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from clip_jax import losses, sharding
+from clip_jax import sharding
 from clip_jax.models import CLIP, create_model
 
 
@@ -41,8 +42,11 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, eot_id: int)
         remat_policy=m.remat_policy,
         logit_scale_init=m.logit_scale_init,
         logit_bias_init=m.logit_bias_init if m.use_logit_bias else None,
-        text=dict(vocab_size=vocab_size, context_length=config.tokenizer.context_length,
-                  eot_token_id=eot_id),
+        text=dict(
+            vocab_size=vocab_size,
+            context_length=config.tokenizer.context_length,
+            eot_token_id=eot_id,
+        ),
     )
 
 
@@ -57,16 +61,24 @@ def dummy_batch(model: CLIP, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStr
 def _init_fn(model: CLIP, tx: optax.GradientTransformation, seed: int, unbox: bool):
     def init(rng):
         batch = dummy_batch(model)
-        variables = model.init(rng, jnp.zeros(batch["image"].shape, jnp.uint8),
-                               jnp.zeros(batch["text"].shape, jnp.int32))
+        variables = model.init(
+            rng,
+            jnp.zeros(batch["image"].shape, jnp.uint8),
+            jnp.zeros(batch["text"].shape, jnp.int32),
+        )
         variables = flax.core.unfreeze(variables)
         params = variables.pop("params")
         if unbox:
             params, variables = nn.meta.unbox(params), nn.meta.unbox(variables)
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-            model_state=variables, rng=jax.random.key_data(jax.random.key(seed)),
-            bad_steps=jnp.zeros((), jnp.int32))
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            model_state=variables,
+            rng=jax.random.key_data(jax.random.key(seed)),
+            bad_steps=jnp.zeros((), jnp.int32),
+        )
+
     return init
 
 
@@ -84,8 +96,9 @@ def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, se
     """The state's shapes, dtypes and shardings, without allocating it (a restore target)."""
     shardings = state_shardings(model, tx, mesh, seed)
     shapes = jax.eval_shape(_init_fn(model, tx, seed, unbox=True), jax.random.key(seed))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
 
 
 def create_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int):
@@ -102,23 +115,32 @@ def _tree_norm(tree) -> jax.Array:
 def make_loss_and_metrics(model: CLIP, loss_fn: Callable) -> Callable:
     def compute(params, model_state, batch):
         out = model.apply({"params": params, **model_state}, batch["image"], batch["text"])
-        loss, metrics = loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                out.get("logit_bias"))
+        loss, metrics = loss_fn(
+            out["image_emb"], out["text_emb"], out["logit_scale"], out.get("logit_bias")
+        )
         metrics = {**metrics, "temperature": out["logit_scale"]}
         if "logit_bias" in out:
             metrics["logit_bias"] = out["logit_bias"]
         return loss, metrics
+
     return compute
 
 
-def make_train_step(model: CLIP, tx: optax.GradientTransformation, loss_fn: Callable,
-                    schedule: optax.Schedule, shardings: TrainState, mesh):
+def make_train_step(
+    model: CLIP,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    schedule: optax.Schedule,
+    shardings: TrainState,
+    mesh,
+):
     """One jit-compiled optimisation step with explicit shardings and a donated state."""
     compute = make_loss_and_metrics(model, loss_fn)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(
-            state.params, state.model_state, batch)
+            state.params, state.model_state, batch
+        )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -132,9 +154,13 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, loss_fn: Call
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
         )
         metrics = {
-            **metrics, "loss": loss, "grad_norm": grad_norm,
-            "param_norm": _tree_norm(new_state.params), "lr": schedule(state.step),
-            "finite": finite.astype(jnp.float32), "bad_steps": new_state.bad_steps,
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": _tree_norm(new_state.params),
+            "lr": schedule(state.step),
+            "finite": finite.astype(jnp.float32),
+            "bad_steps": new_state.bad_steps,
         }
         return new_state, metrics
 

@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 
 from clip_jax import config as config_lib
-from clip_jax import flops, losses, optim, sharding, step as step_lib
+from clip_jax import flops, losses, optim, sharding
+from clip_jax import step as step_lib
 from clip_jax.checkpoint import Checkpointer
 from clip_jax.data import pipeline
 from clip_jax.data.tokenizer import load_tokenizer
@@ -45,9 +46,13 @@ def setup(config: ml_collections.ConfigDict):
     config_lib.validate(config, jax.device_count(), jax.process_count())
     data_dir = config_lib.resolve_data_dir(config)
     pipeline.ensure_prepared(config.data.name, data_dir, splits=(config.data.train_split,))
-    tokenizer = load_tokenizer(config.tokenizer.path, dataset=config.data.name, data_dir=data_dir,
-                               context_length=config.tokenizer.context_length,
-                               lowercase=config.tokenizer.lowercase)
+    tokenizer = load_tokenizer(
+        config.tokenizer.path,
+        dataset=config.data.name,
+        data_dir=data_dir,
+        context_length=config.tokenizer.context_length,
+        lowercase=config.tokenizer.lowercase,
+    )
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
     model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
     return data_dir, tokenizer, mesh, model
@@ -55,17 +60,29 @@ def setup(config: ml_collections.ConfigDict):
 
 def _train_loader(config, data_dir, tokenizer, image_size):
     return pipeline.train_loader(
-        config.data.name, config.data.train_split, data_dir,
-        global_batch_size=config.batch_size, image_size=image_size, tokenizer=tokenizer,
-        seed=config.seed, crop_scale=(config.data.crop_scale_min, config.data.crop_scale_max),
-        num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+        config.data.name,
+        config.data.train_split,
+        data_dir,
+        global_batch_size=config.batch_size,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        seed=config.seed,
+        crop_scale=(config.data.crop_scale_min, config.data.crop_scale_max),
+        num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch,
+    )
 
 
 def _validation(config, data_dir, tokenizer, model, eval_step, state, mesh) -> dict[str, float]:
     """Validation-split contrastive loss and in-batch accuracy over its full batches."""
     loader = pipeline.eval_loader(
-        config.data.name, config.data.eval_split, data_dir, batch_size=config.eval.batch_size,
-        image_size=model.config.vision.image_size, tokenizer=tokenizer)
+        config.data.name,
+        config.data.eval_split,
+        data_dir,
+        batch_size=config.eval.batch_size,
+        image_size=model.config.vision.image_size,
+        tokenizer=tokenizer,
+    )
     totals, batches = {}, 0
     for batch in loader:
         if not np.all(batch["mask"]):
@@ -94,21 +111,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
     loader = _train_loader(config, data_dir, tokenizer, model.config.vision.image_size)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                        keep_period=config.checkpoint.keep_period,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        keep_period=config.checkpoint.keep_period,
+        async_save=config.checkpoint.async_save,
+    )
     start = ckpt.latest_step()
     if start is not None:
-        state, loader_state = ckpt.restore(start, step_lib.abstract_train_state(model, tx, mesh, config.seed))
+        state, loader_state = ckpt.restore(
+            start, step_lib.abstract_train_state(model, tx, mesh, config.seed)
+        )
         loader.set_state(loader_state)
         print(f"resumed from step {start} in {workdir}", flush=True)
     start = int(start or 0)
 
     writer = MetricWriter(workdir, config.total_steps)
     preempted = _PreemptionFlag()
-    window = _LogWindow(config.batch_size, jax.device_count(),
-                        flops.train_step_flops(model.config, config.batch_size),
-                        flops.peak_tflops(jax.devices()[0].device_kind))
+    window = _LogWindow(
+        config.batch_size,
+        jax.device_count(),
+        flops.train_step_flops(model.config, config.batch_size),
+        flops.peak_tflops(jax.devices()[0].device_kind),
+    )
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
     evaluated: dict[str, float] = {}
@@ -132,8 +157,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 break
             periodic = config.eval.every_steps and step % config.eval.every_steps == 0
             if periodic or step == config.total_steps:
-                evaluated = _evaluate(config, workdir, data_dir, tokenizer, model, eval_step,
-                                      state, mesh, writer, step)
+                evaluated = _evaluate(
+                    config,
+                    workdir,
+                    data_dir,
+                    tokenizer,
+                    model,
+                    eval_step,
+                    state,
+                    mesh,
+                    writer,
+                    step,
+                )
         if pending is not None:
             last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
         if step == config.total_steps and not preempted.set:
@@ -153,8 +188,9 @@ class NonFiniteError(RuntimeError):
 class _LogWindow:
     """Wall time, data-wait time and steps since the last logged step."""
 
-    def __init__(self, batch_size: int, n_devices: int, step_flops: float,
-                 peak_tflops: float | None):
+    def __init__(
+        self, batch_size: int, n_devices: int, step_flops: float, peak_tflops: float | None
+    ):
         self.batch_size, self.n_devices = batch_size, n_devices
         self.step_flops, self.peak_tflops = step_flops, peak_tflops
         self.reset()
@@ -189,14 +225,19 @@ def _check_and_log(step, metrics, writer, window, loader, config, force=False):
         raise NonFiniteError(
             f"{bad} steps in a row had a non-finite loss or gradient (last at step {step}); "
             "parameters were left untouched on each. Lower optim.lr, set optim.grad_clip_norm, "
-            "or raise max_bad_steps.")
+            "or raise max_bad_steps."
+        )
     if step % config.log_every and not force:
         return None
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     seen = step * config.batch_size
-    values.update(window.rates(), examples_seen=seen, epoch=seen / loader.num_records,
-                  # this host's count: unreadable images replaced by a deterministic substitute
-                  images_replaced=loader.num_replaced)
+    values.update(
+        window.rates(),
+        examples_seen=seen,
+        epoch=seen / loader.num_records,
+        # this host's count: unreadable images replaced by a deterministic substitute
+        images_replaced=loader.num_replaced,
+    )
     window.reset()
     writer.write(step, values)
     return values
@@ -206,18 +247,27 @@ def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mes
     results = _validation(config, data_dir, tokenizer, model, eval_step, state, mesh)
     if config.eval.tasks:
         from clip_jax.eval import evaluators  # noqa: PLC0415 (evaluation is optional in the loop)
-        results.update(evaluators.flat_metrics(evaluators.evaluate_state(
-            config, model, state.params, state.model_state, tokenizer, mesh, step, workdir)))
+
+        results.update(
+            evaluators.flat_metrics(
+                evaluators.evaluate_state(
+                    config, model, state.params, state.model_state, tokenizer, mesh, step, workdir
+                )
+            )
+        )
     if results:
         writer.write(step, results, console=False)
         if jax.process_index() == 0:
-            print(f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),
-                  flush=True)
+            print(
+                f"eval at step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in results.items()),
+                flush=True,
+            )
     return results
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
-                           auto: bool) -> None:
+def initialize_distributed(
+    coordinator: str, num_processes: int, process_id: int, auto: bool
+) -> None:
     """Joins a multi-process run: explicit (local runs) or auto-detected (SLURM, TPU pods)."""
     if coordinator:
         # Cross-process collectives for the CPU backend; accelerator backends ignore it.
@@ -231,10 +281,13 @@ def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                    lock_config=False)
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file[:variant].", lock_config=False
+    )
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and evaluations go.")
-    flags.DEFINE_string("coordinator", "", "host:port of process 0, for explicit multi-process runs.")
+    flags.DEFINE_string(
+        "coordinator", "", "host:port of process 0, for explicit multi-process runs."
+    )
     flags.DEFINE_integer("num_processes", 1, "Processes in an explicit multi-process run.")
     flags.DEFINE_integer("process_id", 0, "This process's index in an explicit multi-process run.")
     flags.DEFINE_bool("multihost", False, "Auto-detect the cluster (SLURM, TPU pod) and join it.")
@@ -242,6 +295,7 @@ def main(argv=None) -> int:
 
     def run(_):
         from absl import logging  # noqa: PLC0415
+
         logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
         f = flags.FLAGS
         initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)

@@ -1,4 +1,7 @@
-"""CLIP RN50 with the paper's recipe. Variants: `experiments/rn50.py:smoke` (tiny, seconds on CPU)."""
+"""CLIP RN50 with the paper's recipe.
+
+Variants: `experiments/rn50.py:smoke` (tiny, seconds on CPU).
+"""
 
 from clip_jax.config import apply_variant, clip_paper_recipe
 

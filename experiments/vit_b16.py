@@ -1,4 +1,7 @@
-"""CLIP ViT-B/16 with the paper's recipe. Variants: `experiments/vit_b16.py:smoke` (tiny, seconds on CPU)."""
+"""CLIP ViT-B/16 with the paper's recipe.
+
+Variants: `experiments/vit_b16.py:smoke` (tiny, seconds on CPU).
+"""
 
 from clip_jax.config import apply_variant, clip_paper_recipe
 

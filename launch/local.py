@@ -29,13 +29,24 @@ def main() -> int:
     train_args = [a for a in args.train_args if a != "--"]
     coordinator = f"localhost:{free_port()}"
     # Appended: the last device count wins, other XLA flags of the caller are kept.
-    xla_flags = (os.environ.get("XLA_FLAGS", "") +
-                 f" --xla_force_host_platform_device_count={args.devices_per_process}").strip()
+    xla_flags = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={args.devices_per_process}"
+    ).strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "clip_jax.train", *train_args,
-                          f"--coordinator={coordinator}", f"--num_processes={args.processes}",
-                          f"--process_id={i}"], env=env)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clip_jax.train",
+                *train_args,
+                f"--coordinator={coordinator}",
+                f"--num_processes={args.processes}",
+                f"--process_id={i}",
+            ],
+            env=env,
+        )
         for i in range(args.processes)
     ]
     codes = [p.wait() for p in procs]

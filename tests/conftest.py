@@ -2,16 +2,19 @@
 
 XLA reads the flag once, when the backend starts, so it must be set before jax is imported.
 """
+
 import os
 
 # XLA:CPU aborts the process when a collective waits too long for its peers; on a loaded
 # 2-core CI machine, 8 simulated devices per test process can exceed the default.
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_force_host_platform_device_count=8",
-    "--xla_cpu_collective_timeout_seconds=1200",
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
-]).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+        "--xla_cpu_collective_timeout_seconds=1200",
+        "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
+    ]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

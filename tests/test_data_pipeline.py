@@ -13,8 +13,7 @@ from PIL import Image
 from clip_jax.data import images
 from clip_jax.data.builders import common
 from clip_jax.data.builders.clip_demo import demo_tokenizer
-from clip_jax.data.pipeline import (dataset_info, eval_loader, read_captions, to_global,
-                                    train_loader)
+from clip_jax.data.pipeline import dataset_info, eval_loader, read_captions, to_global, train_loader
 from clip_jax.data.prepare import prepare_demo
 
 tfds.disable_progress_bar()
@@ -23,198 +22,233 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("demo_tfds"))
-  prepare_demo(d, num_train=96, num_validation=8, num_test=21, verbose=False)
-  return d, demo_tokenizer(d, context_length=24)
+    d = str(tmp_path_factory.mktemp("demo_tfds"))
+    prepare_demo(d, num_train=96, num_validation=8, num_test=21, verbose=False)
+    return d, demo_tokenizer(d, context_length=24)
 
 
 def _loader(demo, **kw):
-  d, tok = demo
-  args = dict(global_batch_size=16, image_size=SIZE, tokenizer=tok, seed=3,
-              shard_index=0, shard_count=1)
-  args.update(kw)
-  return train_loader("clip_demo", "train", d, **args)
+    d, tok = demo
+    args = dict(
+        global_batch_size=16, image_size=SIZE, tokenizer=tok, seed=3, shard_index=0, shard_count=1
+    )
+    args.update(kw)
+    return train_loader("clip_demo", "train", d, **args)
 
 
 def _take(loader, n):
-  return [next(loader) for _ in range(n)]
+    return [next(loader) for _ in range(n)]
 
 
 def _assert_same(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_batch_contract(demo):
-  b = next(_loader(demo))
-  assert set(b) == {"image", "text"}
-  assert b["image"].dtype == np.uint8 and b["image"].shape == (16, SIZE, SIZE, 3)
-  assert b["text"].dtype == np.int32 and b["text"].shape == (16, 24)
-  tok = demo[1]
-  assert (b["text"][:, 0] == tok.bot_id).all() and ((b["text"] == tok.eot_id).sum(1) == 1).all()
+    b = next(_loader(demo))
+    assert set(b) == {"image", "text"}
+    assert b["image"].dtype == np.uint8 and b["image"].shape == (16, SIZE, SIZE, 3)
+    assert b["text"].dtype == np.int32 and b["text"].shape == (16, 24)
+    tok = demo[1]
+    assert (b["text"][:, 0] == tok.bot_id).all() and ((b["text"] == tok.eot_id).sum(1) == 1).all()
 
 
 def test_same_seed_same_batches(demo):
-  a, b = _take(_loader(demo), 3), _take(_loader(demo, prefetch=0), 3)
-  for x, y in zip(a, b):
-    _assert_same(x, y)
-  c = _take(_loader(demo, seed=4), 1)[0]
-  assert not np.array_equal(a[0]["image"], c["image"])
+    a, b = _take(_loader(demo), 3), _take(_loader(demo, prefetch=0), 3)
+    for x, y in zip(a, b):
+        _assert_same(x, y)
+    c = _take(_loader(demo, seed=4), 1)[0]
+    assert not np.array_equal(a[0]["image"], c["image"])
 
 
 def test_resume_continues_exactly(demo):
-  full = _take(_loader(demo), 9)  # 6 batches per epoch: crosses an epoch boundary
-  first = _loader(demo)
-  _take(first, 4)
-  state = json.loads(json.dumps(first.get_state()))
-  first.close()
-  assert state["next_batch"] == 4
-  resumed = _loader(demo)
-  resumed.set_state(state)
-  for k in range(4, 9):
-    _assert_same(next(resumed), full[k])
-  with pytest.raises(ValueError, match="global_batch_size"):
-    _loader(demo, global_batch_size=8).set_state(state)
+    full = _take(_loader(demo), 9)  # 6 batches per epoch: crosses an epoch boundary
+    first = _loader(demo)
+    _take(first, 4)
+    state = json.loads(json.dumps(first.get_state()))
+    first.close()
+    assert state["next_batch"] == 4
+    resumed = _loader(demo)
+    resumed.set_state(state)
+    for k in range(4, 9):
+        _assert_same(next(resumed), full[k])
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _loader(demo, global_batch_size=8).set_state(state)
 
 
 def test_two_hosts_cover_the_epoch_once(demo):
-  hosts = [_loader(demo, shard_index=h, shard_count=2, num_epochs=1) for h in range(2)]
-  assert [len(h) for h in hosts] == [6, 6] and hosts[0].host_batch_size == 8
-  seen = [i for h in hosts for k in range(len(h)) for i in h.record_indices(k)]
-  assert sorted(seen) == list(range(96))
-  batches = [list(h) for h in hosts]
-  assert [len(b) for b in batches] == [6, 6]
-  # One host with the same global batch sees the same examples and pixels, interleaved.
-  single = list(_loader(demo, num_epochs=1))
-  for k in (0, 5):
-    for key in ("image", "text"):
-      merged = np.stack([batches[0][k][key], batches[1][k][key]], 1)
-      np.testing.assert_array_equal(merged.reshape(single[k][key].shape), single[k][key])
+    hosts = [_loader(demo, shard_index=h, shard_count=2, num_epochs=1) for h in range(2)]
+    assert [len(h) for h in hosts] == [6, 6] and hosts[0].host_batch_size == 8
+    seen = [i for h in hosts for k in range(len(h)) for i in h.record_indices(k)]
+    assert sorted(seen) == list(range(96))
+    batches = [list(h) for h in hosts]
+    assert [len(b) for b in batches] == [6, 6]
+    # One host with the same global batch sees the same examples and pixels, interleaved.
+    single = list(_loader(demo, num_epochs=1))
+    for k in (0, 5):
+        for key in ("image", "text"):
+            merged = np.stack([batches[0][k][key], batches[1][k][key]], 1)
+            np.testing.assert_array_equal(merged.reshape(single[k][key].shape), single[k][key])
 
 
 def test_epochs_are_reshuffled(demo):
-  loader = _loader(demo, num_epochs=2)
-  assert len(loader) == 12
-  ep0 = [i for k in range(6) for i in loader.record_indices(k)]
-  ep1 = [i for k in range(6, 12) for i in loader.record_indices(k)]
-  assert sorted(ep0) == sorted(ep1) == list(range(96)) and ep0 != ep1
-  assert len(list(loader)) == 12
+    loader = _loader(demo, num_epochs=2)
+    assert len(loader) == 12
+    ep0 = [i for k in range(6) for i in loader.record_indices(k)]
+    ep1 = [i for k in range(6, 12) for i in loader.record_indices(k)]
+    assert sorted(ep0) == sorted(ep1) == list(range(96)) and ep0 != ep1
+    assert len(list(loader)) == 12
 
 
 def test_worker_processes_match_and_resume_across_worker_counts(demo):
-  ref = _take(_loader(demo), 4)
-  workers = _loader(demo, num_workers=2)
-  got = _take(workers, 2)
-  state = workers.get_state()
-  workers.close()
-  for x, y in zip(got, ref):
-    _assert_same(x, y)
-  resumed = _loader(demo, num_workers=0)
-  resumed.set_state(state)
-  _assert_same(next(resumed), ref[2])
+    ref = _take(_loader(demo), 4)
+    workers = _loader(demo, num_workers=2)
+    got = _take(workers, 2)
+    state = workers.get_state()
+    workers.close()
+    for x, y in zip(got, ref):
+        _assert_same(x, y)
+    resumed = _loader(demo, num_workers=0)
+    resumed.set_state(state)
+    _assert_same(next(resumed), ref[2])
 
 
 def test_eval_loader_pads_and_masks_over_two_hosts(demo):
-  d, tok = demo
-  info = dataset_info("clip_demo", d)
-  hosts = [list(eval_loader("clip_demo", "test", d, batch_size=8, image_size=SIZE,
-                            tokenizer=tok, shard_index=h, shard_count=2)) for h in range(2)]
-  assert len(hosts[0]) == len(hosts[1]) == 3  # ceil(21 / 8)
-  index = np.concatenate([b["index"] for h in hosts for b in h])
-  mask = np.concatenate([b["mask"] for h in hosts for b in h])
-  label = np.concatenate([b["label"] for h in hosts for b in h])
-  assert sorted(index[mask]) == list(range(21)) and (index[~mask] == -1).all()
-  assert (label[~mask] == -1).all() and len(mask) == 24
-  ds = tfds.data_source("clip_demo", split="test", data_dir=d, download=False)
-  want = {i: ds[i] for i in range(21)}
-  for h in hosts:
-    for b in h:
-      assert b["image"].shape == (4, SIZE, SIZE, 3) and b["text"].shape == (4, 24)
-      for j in np.flatnonzero(b["mask"]):
-        rec = want[int(b["index"][j])]
-        assert b["label"][j] == rec["label"]
-        np.testing.assert_array_equal(
-            b["image"][j], images.center_crop(images.decode_rgb(rec["image"]), SIZE))
-        np.testing.assert_array_equal(b["text"][j], tok.encode(rec["caption"][0].decode()))
-  assert info["num_examples"]["test"] == 21 and len(info["class_names"]) == 64
-  caps = read_captions("clip_demo", "test", d)
-  assert len(caps) == 21 and all(len(c) == 3 for c in caps)
+    d, tok = demo
+    info = dataset_info("clip_demo", d)
+    hosts = [
+        list(
+            eval_loader(
+                "clip_demo",
+                "test",
+                d,
+                batch_size=8,
+                image_size=SIZE,
+                tokenizer=tok,
+                shard_index=h,
+                shard_count=2,
+            )
+        )
+        for h in range(2)
+    ]
+    assert len(hosts[0]) == len(hosts[1]) == 3  # ceil(21 / 8)
+    index = np.concatenate([b["index"] for h in hosts for b in h])
+    mask = np.concatenate([b["mask"] for h in hosts for b in h])
+    label = np.concatenate([b["label"] for h in hosts for b in h])
+    assert sorted(index[mask]) == list(range(21)) and (index[~mask] == -1).all()
+    assert (label[~mask] == -1).all() and len(mask) == 24
+    ds = tfds.data_source("clip_demo", split="test", data_dir=d, download=False)
+    want = {i: ds[i] for i in range(21)}
+    for h in hosts:
+        for b in h:
+            assert b["image"].shape == (4, SIZE, SIZE, 3) and b["text"].shape == (4, 24)
+            for j in np.flatnonzero(b["mask"]):
+                rec = want[int(b["index"][j])]
+                assert b["label"][j] == rec["label"]
+                np.testing.assert_array_equal(
+                    b["image"][j], images.center_crop(images.decode_rgb(rec["image"]), SIZE)
+                )
+                np.testing.assert_array_equal(b["text"][j], tok.encode(rec["caption"][0].decode()))
+    assert info["num_examples"]["test"] == 21 and len(info["class_names"]) == 64
+    caps = read_captions("clip_demo", "test", d)
+    assert len(caps) == 21 and all(len(c) == 3 for c in caps)
 
 
 class CorruptSet(common.Builder, skip_registration=True):
-  """A dataset holding some undecodable images (the importer would have skipped them)."""
-  name = "corrupt_set"
-  VERSION = tfds.core.Version("1.0.0")
+    """A dataset holding some undecodable images (the importer would have skipped them)."""
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True,
-                                 features=tfds.features.FeaturesDict(common.text_features()))
+    name = "corrupt_set"
+    VERSION = tfds.core.Version("1.0.0")
 
-  def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples()}
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            disable_shuffling=True,
+            features=tfds.features.FeaturesDict(common.text_features()),
+        )
 
-  def _generate_examples(self):
-    for i in range(24):
-      buf = io.BytesIO()
-      Image.new("RGB", (20, 12), (i * 10, 0, 0)).save(buf, "PNG")
-      data = buf.getvalue() if i % 4 else (b"" if i % 8 else buf.getvalue()[:30])
-      yield i, {"image": data, "caption": [f"red {i}"], "key": str(i)}
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(24):
+            buf = io.BytesIO()
+            Image.new("RGB", (20, 12), (i * 10, 0, 0)).save(buf, "PNG")
+            data = buf.getvalue() if i % 4 else (b"" if i % 8 else buf.getvalue()[:30])
+            yield i, {"image": data, "caption": [f"red {i}"], "key": str(i)}
 
 
 def test_corrupt_images_are_replaced_deterministically(tmp_path, demo):
-  d = str(tmp_path)
-  CorruptSet(data_dir=d, file_format="array_record").download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  tok = demo[1]
+    d = str(tmp_path)
+    CorruptSet(data_dir=d, file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    tok = demo[1]
 
-  def make():
-    return train_loader("corrupt_set", "train", d, global_batch_size=8, image_size=8,
-                        tokenizer=tok, seed=0, num_epochs=1, shard_index=0, shard_count=1)
-  a, b = list(make()), None
-  loader = make()
-  first = next(loader)
-  state = loader.get_state()
-  resumed = make()
-  resumed.set_state(state)
-  b = [first] + list(resumed)
-  assert len(a) == 3 and all(x["image"].shape == (8, 8, 8, 3) for x in a)
-  for x, y in zip(a, b):
-    _assert_same(x, y)
-  # 6 of 24 records are corrupt, so at least 6 replacements happened over one epoch.
-  full = make()
-  list(full)
-  assert full.num_replaced >= 6 and resumed.num_replaced == full.num_replaced
-  ev = eval_loader("corrupt_set", "train", d, batch_size=8, image_size=8,
-                   shard_index=0, shard_count=1)
-  masks = np.concatenate([x["mask"] for x in ev])
-  assert ev.num_corrupt == 6 and masks.sum() == 18 and "label" not in next(iter(ev))
+    def make():
+        return train_loader(
+            "corrupt_set",
+            "train",
+            d,
+            global_batch_size=8,
+            image_size=8,
+            tokenizer=tok,
+            seed=0,
+            num_epochs=1,
+            shard_index=0,
+            shard_count=1,
+        )
+
+    a, b = list(make()), None
+    loader = make()
+    first = next(loader)
+    state = loader.get_state()
+    resumed = make()
+    resumed.set_state(state)
+    b = [first] + list(resumed)
+    assert len(a) == 3 and all(x["image"].shape == (8, 8, 8, 3) for x in a)
+    for x, y in zip(a, b):
+        _assert_same(x, y)
+    # 6 of 24 records are corrupt, so at least 6 replacements happened over one epoch.
+    full = make()
+    list(full)
+    assert full.num_replaced >= 6 and resumed.num_replaced == full.num_replaced
+    ev = eval_loader(
+        "corrupt_set", "train", d, batch_size=8, image_size=8, shard_index=0, shard_count=1
+    )
+    masks = np.concatenate([x["mask"] for x in ev])
+    assert ev.num_corrupt == 6 and masks.sum() == 18 and "label" not in next(iter(ev))
 
 
 def test_to_global_shards_over_batch_axes(demo):
-  mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "model"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 3)
-  batch = next(_loader(demo))
-  out = to_global(batch, mesh)
-  assert out["image"].shape == (16, SIZE, SIZE, 3) and out["image"].dtype == np.uint8
-  assert out["text"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
-  assert {s.data.shape[0] for s in out["image"].addressable_shards} == {2}
-  np.testing.assert_array_equal(np.asarray(out["text"]), batch["text"])
+    mesh = jax.make_mesh(
+        (4, 2, 1), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 3
+    )
+    batch = next(_loader(demo))
+    out = to_global(batch, mesh)
+    assert out["image"].shape == (16, SIZE, SIZE, 3) and out["image"].dtype == np.uint8
+    assert out["text"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert {s.data.shape[0] for s in out["image"].addressable_shards} == {2}
+    np.testing.assert_array_equal(np.asarray(out["text"]), batch["text"])
 
 
 def test_decode_handles_exif_rotation_and_crops():
-  img = Image.new("RGB", (40, 20), (0, 0, 255))
-  exif = Image.Exif()
-  exif[0x0112] = 6  # rotate 90 degrees clockwise on display
-  buf = io.BytesIO()
-  img.save(buf, "JPEG", exif=exif.tobytes())
-  assert images.decode_rgb(buf.getvalue()).size == (20, 40)
-  # Centre crop of [red | green | blue] thirds keeps the green middle only.
-  arr = np.zeros((30, 90, 3), np.uint8)
-  arr[:, :30, 0] = arr[:, 30:60, 1] = arr[:, 60:, 2] = 255
-  crop = images.center_crop(Image.fromarray(arr), 15)
-  assert crop[..., 1].min() > 230 and crop[..., 0].max() < 20 and crop[..., 2].max() < 20
-  rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
-  src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
-  np.testing.assert_array_equal(images.random_square_crop(src, 16, rng1, (0.5, 1.0)),
-                                images.random_square_crop(src, 16, rng2, (0.5, 1.0)))
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    assert images.decode_rgb(buf.getvalue()).size == (20, 40)
+    # Centre crop of [red | green | blue] thirds keeps the green middle only.
+    arr = np.zeros((30, 90, 3), np.uint8)
+    arr[:, :30, 0] = arr[:, 30:60, 1] = arr[:, 60:, 2] = 255
+    crop = images.center_crop(Image.fromarray(arr), 15)
+    assert crop[..., 1].min() > 230 and crop[..., 0].max() < 20 and crop[..., 2].max() < 20
+    rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
+    src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
+    np.testing.assert_array_equal(
+        images.random_square_crop(src, 16, rng1, (0.5, 1.0)),
+        images.random_square_crop(src, 16, rng2, (0.5, 1.0)),
+    )

@@ -13,133 +13,171 @@ from clip_jax.data.errors import DataError
 from clip_jax.data.tokenizer import Tokenizer, clean_text, train_tokenizer
 
 CORPUS = [
-    "a photo of a dog on the beach", "two cats sleeping on a red sofa",
-    "A man riding a bicycle down the street", "the sun sets over the mountains",
-    "a bowl of fruit with apples and bananas", "children playing football in a park",
-    "an old car parked near a brick wall", "a close-up of a yellow flower",
+    "a photo of a dog on the beach",
+    "two cats sleeping on a red sofa",
+    "A man riding a bicycle down the street",
+    "the sun sets over the mountains",
+    "a bowl of fruit with apples and bananas",
+    "children playing football in a park",
+    "an old car parked near a brick wall",
+    "a close-up of a yellow flower",
 ] * 40
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-  return train_tokenizer(CORPUS, str(tmp_path_factory.mktemp("tok") / "sp"), 300)
+    return train_tokenizer(CORPUS, str(tmp_path_factory.mktemp("tok") / "sp"), 300)
 
 
 def test_encode_layout_and_special_ids(model_path):
-  tok = Tokenizer(model_path, context_length=16)
-  out = tok.encode(["a photo of a dog", ""])
-  assert out.dtype == np.int32 and out.shape == (2, 16)
-  for row in out:
-    assert row[0] == tok.bot_id
-    eot = int(np.argmax(row == tok.eot_id))
-    assert row[eot] == tok.eot_id
-    assert (row[eot + 1:] == tok.pad_id).all()
-    assert tok.eot_id not in row[:eot] and tok.pad_id not in row[:eot]
-  assert out[1, 1] == tok.eot_id  # empty caption: [BOT, EOT, pad...]
-  assert (tok.pad_id, tok.bot_id, tok.eot_id) == (0, 2, 3)
-  assert tok.encode("a dog").shape == (16,)
+    tok = Tokenizer(model_path, context_length=16)
+    out = tok.encode(["a photo of a dog", ""])
+    assert out.dtype == np.int32 and out.shape == (2, 16)
+    for row in out:
+        assert row[0] == tok.bot_id
+        eot = int(np.argmax(row == tok.eot_id))
+        assert row[eot] == tok.eot_id
+        assert (row[eot + 1 :] == tok.pad_id).all()
+        assert tok.eot_id not in row[:eot] and tok.pad_id not in row[:eot]
+    assert out[1, 1] == tok.eot_id  # empty caption: [BOT, EOT, pad...]
+    assert (tok.pad_id, tok.bot_id, tok.eot_id) == (0, 2, 3)
+    assert tok.encode("a dog").shape == (16,)
 
 
 def test_round_trip_ascii_and_non_ascii(model_path):
-  tok = Tokenizer(model_path, context_length=77, lowercase=False)
-  texts = ["A photo of a Dog on the beach!", "Ein Bär über dem Fluß — naïve café",
-           "東京の夜景と富士山", "emoji 🌸🐈 and Ελληνικά, русский текст", "tabs\tand  spaces"]
-  for t, row in zip(texts, tok.encode(texts)):
-    assert tok.decode(row) == clean_text(t, "clip", lowercase=False)
-  tok_lower = Tokenizer(model_path)
-  assert tok_lower.decode(tok_lower.encode("Ein BÄR")) == "ein bär"
+    tok = Tokenizer(model_path, context_length=77, lowercase=False)
+    texts = [
+        "A photo of a Dog on the beach!",
+        "Ein Bär über dem Fluß — naïve café",
+        "東京の夜景と富士山",
+        "emoji 🌸🐈 and Ελληνικά, русский текст",
+        "tabs\tand  spaces",
+    ]
+    for t, row in zip(texts, tok.encode(texts)):
+        assert tok.decode(row) == clean_text(t, "clip", lowercase=False)
+    tok_lower = Tokenizer(model_path)
+    assert tok_lower.decode(tok_lower.encode("Ein BÄR")) == "ein bär"
 
 
 def test_long_caption_truncated_keeps_eot(model_path):
-  tok = Tokenizer(model_path, context_length=12)
-  long = " ".join(["children playing football in a park"] * 20)
-  row = tok.encode([long])[0]
-  assert row[-1] == tok.eot_id and row[0] == tok.bot_id
-  assert int(np.argmax(row == tok.eot_id)) == 11
-  assert (row[1:-1] != tok.pad_id).all()
-  assert long.startswith(tok.decode(row))
+    tok = Tokenizer(model_path, context_length=12)
+    long = " ".join(["children playing football in a park"] * 20)
+    row = tok.encode([long])[0]
+    assert row[-1] == tok.eot_id and row[0] == tok.bot_id
+    assert int(np.argmax(row == tok.eot_id)) == 11
+    assert (row[1:-1] != tok.pad_id).all()
+    assert long.startswith(tok.decode(row))
 
 
 def test_eot_never_produced_by_text(model_path):
-  tok = Tokenizer(model_path, context_length=64)
-  nasty = "</s> <s> <end_of_text> <start_of_text> <pad> <unk> \x00\x03 ▁"
-  row = tok.encode(nasty)
-  eot = int(np.argmax(row == tok.eot_id))
-  assert tok.eot_id not in row[:eot] and tok.bot_id not in row[1:]
-  # Round trip too (except U+2581, which sentencepiece reserves as its space marker).
-  plain = nasty.replace(" ▁", "")
-  assert tok.decode(tok.encode(plain)) == clean_text(plain)
+    tok = Tokenizer(model_path, context_length=64)
+    nasty = "</s> <s> <end_of_text> <start_of_text> <pad> <unk> \x00\x03 ▁"
+    row = tok.encode(nasty)
+    eot = int(np.argmax(row == tok.eot_id))
+    assert tok.eot_id not in row[:eot] and tok.bot_id not in row[1:]
+    # Round trip too (except U+2581, which sentencepiece reserves as its space marker).
+    plain = nasty.replace(" ▁", "")
+    assert tok.decode(tok.encode(plain)) == clean_text(plain)
 
 
 def test_clean_text_like_clip():
-  assert clean_text("  A&amp;amp;B \n\n  Caf\u0065\u0301  ") == "a&b café"
-  assert clean_text("  Keep  CASE ", "whitespace", lowercase=False) == "Keep CASE"
-  assert clean_text(" x  ", "none", lowercase=False) == " x  "
+    assert clean_text("  A&amp;amp;B \n\n  Caf\u0065\u0301  ") == "a&b café"
+    assert clean_text("  Keep  CASE ", "whitespace", lowercase=False) == "Keep CASE"
+    assert clean_text(" x  ", "none", lowercase=False) == " x  "
 
 
 def test_settings_recorded_and_pickle(model_path, tmp_path):
-  path = train_tokenizer(CORPUS, str(tmp_path / "cased"), 300, lowercase=False)
-  tok = Tokenizer(path, context_length=20)
-  assert tok.lowercase is False
-  assert tok.decode(tok.encode("A Dog")) == "A Dog"
-  clone = pickle.loads(pickle.dumps(tok))
-  np.testing.assert_array_equal(clone.encode(["A Dog", "x"]), tok.encode(["A Dog", "x"]))
-  assert clone.context_length == 20 and clone.lowercase is False
+    path = train_tokenizer(CORPUS, str(tmp_path / "cased"), 300, lowercase=False)
+    tok = Tokenizer(path, context_length=20)
+    assert tok.lowercase is False
+    assert tok.decode(tok.encode("A Dog")) == "A Dog"
+    clone = pickle.loads(pickle.dumps(tok))
+    np.testing.assert_array_equal(clone.encode(["A Dog", "x"]), tok.encode(["A Dog", "x"]))
+    assert clone.context_length == 20 and clone.lowercase is False
 
 
 def test_training_is_deterministic(tmp_path):
-  a = Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "a"), 300))
-  b = Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "b"), 300))
-  assert [a.id_to_piece(i) for i in range(a.vocab_size)] == \
-      [b.id_to_piece(i) for i in range(b.vocab_size)]
+    a = Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "a"), 300))
+    b = Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "b"), 300))
+    assert [a.id_to_piece(i) for i in range(a.vocab_size)] == [
+        b.id_to_piece(i) for i in range(b.vocab_size)
+    ]
 
 
 def test_external_model_without_bos_eos(tmp_path):
-  prefix = str(tmp_path / "plain")
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=prefix,
-                                 vocab_size=60, bos_id=-1, eos_id=-1, unk_id=0,
-                                 minloglevel=2)
-  tok = Tokenizer(prefix + ".model", context_length=40)
-  n = tok._sp.get_piece_size()  # pylint: disable=protected-access
-  assert tok.eot_id == n and tok.bot_id == n + 1 and tok.vocab_size == n + 2
-  row = tok.encode("a photo of a dog")
-  assert row[0] == tok.bot_id and tok.eot_id in row
-  assert tok.decode(row) == "a photo of a dog"
+    prefix = str(tmp_path / "plain")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_prefix=prefix,
+        vocab_size=60,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        minloglevel=2,
+    )
+    tok = Tokenizer(prefix + ".model", context_length=40)
+    n = tok._sp.get_piece_size()
+    assert tok.eot_id == n and tok.bot_id == n + 1 and tok.vocab_size == n + 2
+    row = tok.encode("a photo of a dog")
+    assert row[0] == tok.bot_id and tok.eot_id in row
+    assert tok.decode(row) == "a photo of a dog"
 
 
 def test_bad_paths(tmp_path):
-  with pytest.raises(DataError, match="tokenizer model not found: .*nope.model"):
-    Tokenizer(str(tmp_path / "nope.model"))
-  bad = tmp_path / "bad.model"
-  bad.write_bytes(b"not a model")
-  with pytest.raises(DataError, match="cannot load sentencepiece model"):
-    Tokenizer(str(bad))
-  with pytest.raises(ValueError, match="context_length"):
-    Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "c"), 300), context_length=1)
+    with pytest.raises(DataError, match="tokenizer model not found: .*nope.model"):
+        Tokenizer(str(tmp_path / "nope.model"))
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(DataError, match="cannot load sentencepiece model"):
+        Tokenizer(str(bad))
+    with pytest.raises(ValueError, match="context_length"):
+        Tokenizer(train_tokenizer(CORPUS, str(tmp_path / "c"), 300), context_length=1)
 
 
 def test_cli(tmp_path):
-  caps = tmp_path / "captions.txt"
-  caps.write_text("\n".join(CORPUS), encoding="utf-8")
-  out = str(tmp_path / "cli_sp")
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
-  res = subprocess.run([sys.executable, "-m", "clip_jax.data.tokenizer",
-                        f"--captions={caps}", f"--output={out}", "--vocab_size=300"],
-                       capture_output=True, text=True, env=env, check=False)
-  assert res.returncode == 0, res.stderr
-  assert "eot_id=3" in res.stdout and os.path.isfile(out + ".model")
-  res = subprocess.run([sys.executable, "-m", "clip_jax.data.tokenizer",
-                        f"--captions={tmp_path / 'missing.txt'}", f"--output={out}"],
-                       capture_output=True, text=True, env=env, check=False)
-  assert res.returncode == 2
-  assert res.stderr.strip().count("\n") == 0 and "missing.txt" in res.stderr
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(CORPUS), encoding="utf-8")
+    out = str(tmp_path / "cli_sp")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.data.tokenizer",
+            f"--captions={caps}",
+            f"--output={out}",
+            "--vocab_size=300",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "eot_id=3" in res.stdout and os.path.isfile(out + ".model")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.data.tokenizer",
+            f"--captions={tmp_path / 'missing.txt'}",
+            f"--output={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "missing.txt" in res.stderr
 
 
 def test_load_tokenizer_for_the_trainer(model_path, tmp_path):
-  from clip_jax.data.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-  tok = load_tokenizer(model_path, dataset="anything", context_length=20, lowercase=True)
-  assert tok.context_length == 20 and tok.model_path == model_path
-  demo = load_tokenizer("", dataset="clip_demo", data_dir=str(tmp_path), context_length=16)
-  assert demo.model_path.startswith(str(tmp_path)) and demo.encode("a red circle").shape == (16,)
-  with pytest.raises(DataError, match=r"python -m clip_jax.data.tokenizer --dataset=my_set"):
-    load_tokenizer("", dataset="my_set", data_dir=str(tmp_path))
+    from clip_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_path, dataset="anything", context_length=20, lowercase=True)
+    assert tok.context_length == 20 and tok.model_path == model_path
+    demo = load_tokenizer("", dataset="clip_demo", data_dir=str(tmp_path), context_length=16)
+    assert demo.model_path.startswith(str(tmp_path)) and demo.encode("a red circle").shape == (16,)
+    with pytest.raises(DataError, match=r"python -m clip_jax.data.tokenizer --dataset=my_set"):
+        load_tokenizer("", dataset="my_set", data_dir=str(tmp_path))

@@ -4,8 +4,8 @@ The fake pipeline follows the data contract (padded batches with mask/index/labe
 shards, to_global); the fake encoders embed an image as its pixel vector and a prompt as its
 class centre plus a per-template offset, so every expected number is computed here in numpy.
 """
+
 import json
-import types
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,18 @@ class FakeData:
     def __init__(self, datasets, info_names):
         self.datasets, self.info_names = datasets, info_names
 
-    def eval_loader(self, name, split, data_dir, *, batch_size, image_size, tokenizer=None,
-                    shard_index=None, shard_count=None):
+    def eval_loader(
+        self,
+        name,
+        split,
+        data_dir,
+        *,
+        batch_size,
+        image_size,
+        tokenizer=None,
+        shard_index=None,
+        shard_count=None,
+    ):
         """batch_size is global; host h of S holds examples (k*b + j)*S + h (as the real loader)."""
         pixels, labels, _ = self.datasets[name][split]
         shard_index, shard_count = shard_index or 0, shard_count or 1
@@ -40,11 +50,15 @@ class FakeData:
         rows = np.arange(shard_index, len(pixels), shard_count)
         n_batches = -(-len(pixels) // batch_size)
         for b in range(n_batches):
-            idx = rows[b * host_b:(b + 1) * host_b]
+            idx = rows[b * host_b : (b + 1) * host_b]
             pad = host_b - len(idx)
-            batch = {"image": np.concatenate([pixels[idx], np.zeros((pad,) + pixels.shape[1:], np.uint8)]),
-                     "mask": np.r_[np.ones(len(idx), bool), np.zeros(pad, bool)],
-                     "index": np.r_[idx, np.full(pad, -1)].astype(np.int64)}
+            batch = {
+                "image": np.concatenate(
+                    [pixels[idx], np.zeros((pad,) + pixels.shape[1:], np.uint8)]
+                ),
+                "mask": np.r_[np.ones(len(idx), bool), np.zeros(pad, bool)],
+                "index": np.r_[idx, np.full(pad, -1)].astype(np.int64),
+            }
             if labels is not None:
                 batch["label"] = np.r_[labels[idx], np.full(pad, -1)].astype(np.int32)
             yield batch
@@ -54,13 +68,17 @@ class FakeData:
 
     def dataset_info(self, name, data_dir):
         labelled = any(v[1] is not None for v in self.datasets[name].values())
-        return {"num_examples": {s: len(v[0]) for s, v in self.datasets[name].items()},
-                "class_names": self.info_names.get(name),
-                "features": ["image", "label"] if labelled else ["image", "caption"]}
+        return {
+            "num_examples": {s: len(v[0]) for s, v in self.datasets[name].items()},
+            "class_names": self.info_names.get(name),
+            "features": ["image", "label"] if labelled else ["image", "caption"],
+        }
 
     def to_global(self, batch, mesh):
         sh = NamedSharding(mesh, P(("data", "fsdp")))
-        return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+        return {
+            k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()
+        }
 
 
 class FakeTokenizer:
@@ -106,9 +124,11 @@ def _encoders(mesh, tokenizer, text_table):
 def _classification_world(seed=0, c=5, n_test=45, n_train=60, label_space=None):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(c, D))
+
     def draw(n):
         y = rng.integers(0, c, size=n)
         return _pixels(0.35 * _unit(centers[y] + rng.normal(size=(n, D)) * 0.9)), y
+
     test_px, test_y = draw(n_test)
     train_px, train_y = draw(n_train)
     return centers, (train_px, train_y), (test_px, test_y)
@@ -116,6 +136,7 @@ def _classification_world(seed=0, c=5, n_test=45, n_train=60, label_space=None):
 
 def _text_table_for(names, templates, centers, offsets):
     """Embedding of prompt (class i, template t) = centre_i + offset_t."""
+
     def table(tok):
         rows = np.zeros((len(tok.vocab) + 1, D), np.float32)
         for ci, name in enumerate(names):
@@ -124,6 +145,7 @@ def _text_table_for(names, templates, centers, offsets):
                 if prompt in tok.vocab:
                     rows[tok.vocab[prompt]] = centers[ci] + offsets[ti]
         return rows
+
     return table
 
 
@@ -151,7 +173,9 @@ def test_zeroshot_evaluator_matches_numpy_and_writes_json(mesh, tmp_path, monkey
     [result] = E.evaluate(E.build_evaluators(cfg), ctx, step=7, workdir=str(tmp_path))
 
     # Independent computation: numpy ensembling and accuracy.
-    w = np.stack([_unit(np.mean([_unit(centers[c] + offsets[t]) for t in range(3)], 0)) for c in range(5)])
+    w = np.stack(
+        [_unit(np.mean([_unit(centers[c] + offsets[t]) for t in range(3)], 0)) for c in range(5)]
+    )
     logits = _image_features(px) @ w.T
     assert result["metrics"]["top1"] == pytest.approx(np.mean(logits.argmax(1) == y))
     recalls = [np.mean(logits[y == c].argmax(1) == c) for c in range(5) if np.any(y == c)]
@@ -160,8 +184,12 @@ def test_zeroshot_evaluator_matches_numpy_and_writes_json(mesh, tmp_path, monkey
     assert result["num_examples"] == len(y)
 
     saved = json.loads((tmp_path / "eval" / "7" / "zeroshot_toy.json").read_text())
-    assert saved["task"] == "zeroshot_toy" and saved["dataset"] == "toy" and saved["split"] == "test"
-    assert saved["templates"] == templates and saved["num_examples"] == len(y) and saved["step"] == 7
+    assert (
+        saved["task"] == "zeroshot_toy" and saved["dataset"] == "toy" and saved["split"] == "test"
+    )
+    assert (
+        saved["templates"] == templates and saved["num_examples"] == len(y) and saved["step"] == 7
+    )
     assert saved["metrics"]["top1"] == pytest.approx(result["metrics"]["top1"])
     table = E.format_table([result])
     assert "zeroshot_toy" in table and "mean_per_class_recall" in table
@@ -176,14 +204,19 @@ def test_zeroshot_on_imagenet_a_style_labels_uses_the_200_subset(mesh, monkeypat
     cols = rng.integers(0, 200, size=40)
     px = _pixels(0.35 * _unit(centers[cols] + rng.normal(size=(40, D)) * 0.5))
     labels_1k = np.asarray(idx)[cols]
-    data = FakeData({"imagenet_a": {"test": (px, labels_1k, None)}}, {"imagenet_a": [f"n{i:08d}" for i in range(1000)]})
+    data = FakeData(
+        {"imagenet_a": {"test": (px, labels_1k, None)}},
+        {"imagenet_a": [f"n{i:08d}" for i in range(1000)]},
+    )
     monkeypatch.setattr(E, "_pipeline", lambda: data)
     tok = FakeTokenizer()
     subset_names = [CN.IMAGENET_CLASSNAMES[i] for i in idx]
     offsets = np.zeros((1, D))
     # Duplicate names (none in these subsets) would alias prompts; check there are none.
     assert len(set(subset_names)) == 200
-    enc = _encoders(mesh, tok, _text_table_for(subset_names, ["a photo of a {}."], centers, offsets))
+    enc = _encoders(
+        mesh, tok, _text_table_for(subset_names, ["a photo of a {}."], centers, offsets)
+    )
     cfg = _config(tasks="zeroshot:imagenet_a")
     cfg.zeroshot.templates = "simple"
     [result] = E.evaluate(E.build_evaluators(cfg), E.EvalContext(enc, tok, mesh, "", 1), step=1)
@@ -199,7 +232,9 @@ def test_retrieval_evaluator_matches_brute_force(mesh, monkeypatch):
     feats = _unit(rng.normal(size=(n, D)))
     px = _pixels(0.4 * feats)
     captions = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(n)]
-    caption_vec = {c: _unit(feats[i] + rng.normal(size=D) * 0.9) for i, cs in enumerate(captions) for c in cs}
+    caption_vec = {
+        c: _unit(feats[i] + rng.normal(size=D) * 0.9) for i, cs in enumerate(captions) for c in cs
+    }
     data = FakeData({"pairs": {"test": (px, None, captions)}}, {})
     monkeypatch.setattr(E, "_pipeline", lambda: data)
     tok = FakeTokenizer()
@@ -221,8 +256,12 @@ def test_retrieval_evaluator_matches_brute_force(mesh, monkeypatch):
     txt = np.stack([caption_vec[c] for c in flat])
     sims = img @ txt.T
     for k in (1, 5, 10):
-        i2t = np.mean([min(list(np.argsort(-sims[i])).index(j) for j in np.flatnonzero(owner == i)) < k
-                       for i in range(n)])
+        i2t = np.mean(
+            [
+                min(list(np.argsort(-sims[i])).index(j) for j in np.flatnonzero(owner == i)) < k
+                for i in range(n)
+            ]
+        )
         t2i = np.mean([list(np.argsort(-sims[:, j])).index(owner[j]) < k for j in range(len(flat))])
         assert result["metrics"][f"i2t_R@{k}"] == pytest.approx(i2t)
         assert result["metrics"][f"t2i_R@{k}"] == pytest.approx(t2i)
@@ -232,10 +271,14 @@ def test_retrieval_evaluator_matches_brute_force(mesh, monkeypatch):
 def test_linear_probe_and_tip_adapter_evaluators_run(mesh, tmp_path, monkeypatch):
     names = ["a", "b", "c", "d", "e"]
     centers, (tr_px, tr_y), (te_px, te_y) = _classification_world(1, n_train=120)
-    data = FakeData({"toy": {"train": (tr_px, tr_y, None), "test": (te_px, te_y, None)}}, {"toy": names})
+    data = FakeData(
+        {"toy": {"train": (tr_px, tr_y, None), "test": (te_px, te_y, None)}}, {"toy": names}
+    )
     monkeypatch.setattr(E, "_pipeline", lambda: data)
     tok = FakeTokenizer()
-    enc = _encoders(mesh, tok, _text_table_for(names, ["a photo of a {}."], centers, np.zeros((1, D))))
+    enc = _encoders(
+        mesh, tok, _text_table_for(names, ["a photo of a {}."], centers, np.zeros((1, D)))
+    )
     cfg = _config(tasks="linear_probe:toy,tip_adapter:toy")
     cfg.zeroshot.templates = "simple"
     cfg.linear_probe.c_values = (0.01, 1.0, 100.0)
@@ -266,8 +309,13 @@ def test_linear_probe_and_tip_adapter_evaluators_run(mesh, tmp_path, monkeypatch
 
 def test_bad_inputs_are_clear_errors(mesh, tmp_path, monkeypatch):
     px = _pixels(np.zeros((4, D)))
-    data = FakeData({"pairs": {"test": (px, None, [["x"]] * 4)},
-                     "toy": {"test": (px, np.zeros(4, np.int64), None)}}, {"toy": ["a", "b", "c"]})
+    data = FakeData(
+        {
+            "pairs": {"test": (px, None, [["x"]] * 4)},
+            "toy": {"test": (px, np.zeros(4, np.int64), None)},
+        },
+        {"toy": ["a", "b", "c"]},
+    )
     monkeypatch.setattr(E, "_pipeline", lambda: data)
     tok = FakeTokenizer()
     enc = _encoders(mesh, tok, lambda t: np.ones((len(t.vocab) + 1, D), np.float32))
@@ -278,13 +326,17 @@ def test_bad_inputs_are_clear_errors(mesh, tmp_path, monkeypatch):
     names.write_text("one\ntwo\n")
     cfg = _config(tasks="zeroshot:toy")
     cfg.zeroshot.class_names = f"toy={names}"
-    with pytest.raises(ValueError, match=r"names\.txt' has 2 names but dataset 'toy' has 3 classes"):
+    with pytest.raises(
+        ValueError, match=r"names\.txt' has 2 names but dataset 'toy' has 3 classes"
+    ):
         E.evaluate(E.build_evaluators(cfg), ctx, step=0)
     cfg.zeroshot.class_names = ""
     cfg.zeroshot.templates = "a photo without placeholder"
     with pytest.raises(ValueError, match="unknown template spec"):
         E.evaluate(E.build_evaluators(cfg), ctx, step=0)
-    with pytest.raises(ValueError, match="unknown evaluator 'zero_shot'.*known: linear_probe, retrieval"):
+    with pytest.raises(
+        ValueError, match="unknown evaluator 'zero_shot'.*known: linear_probe, retrieval"
+    ):
         E.parse_tasks("zero_shot:cifar10")
     with pytest.raises(ValueError, match="must be written KIND:DATASET"):
         E.parse_tasks("zeroshot")
@@ -300,7 +352,10 @@ def test_parse_tasks_and_checkpoint_step():
     assert E.default_test_split("imagenet2012") == "validation"
     assert checkpoint_step([100, 200], None, "d") == 200
     assert checkpoint_step([100, 200], 100, "d") == 100
-    with pytest.raises(EvaluationError, match="--step=150: no checkpoint for step 150 in d; available steps: 100, 200"):
+    with pytest.raises(
+        EvaluationError,
+        match="--step=150: no checkpoint for step 150 in d; available steps: 100, 200",
+    ):
         checkpoint_step([200, 100], 150, "d")
     with pytest.raises(EvaluationError, match="no checkpoints in d"):
         checkpoint_step([], None, "d")
@@ -322,15 +377,21 @@ def test_evaluators_on_clip_demo_with_a_tiny_model(demo_dir, mesh, tmp_path):
     from clip_jax.models import create_model
 
     tok = demo_tokenizer(demo_dir, context_length=16)
-    model = create_model("tiny-vit", text=dict(vocab_size=tok.vocab_size, context_length=16,
-                                               eot_token_id=tok.eot_id))
-    variables = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8),
-                                         jnp.zeros((1, 16), jnp.int32)))
+    model = create_model(
+        "tiny-vit", text=dict(vocab_size=tok.vocab_size, context_length=16, eot_token_id=tok.eot_id)
+    )
+    variables = nn.meta.unbox(
+        model.init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8), jnp.zeros((1, 16), jnp.int32)
+        )
+    )
     params = variables.pop("params")
     enc = E.Encoders.from_model(model, params, variables, mesh, batch_size=16)
     ctx = E.EvalContext(enc, tok, mesh, demo_dir, 32)
-    cfg = _config(tasks="zeroshot:clip_demo,retrieval:clip_demo,linear_probe:clip_demo@validation,"
-                        "tip_adapter:clip_demo@validation")
+    cfg = _config(
+        tasks="zeroshot:clip_demo,retrieval:clip_demo,linear_probe:clip_demo@validation,"
+        "tip_adapter:clip_demo@validation"
+    )
     cfg.linear_probe.c_values = (0.1, 10.0)
     cfg.linear_probe.max_train_examples = 160
     cfg.linear_probe.refine_steps = 0
@@ -340,28 +401,48 @@ def test_evaluators_on_clip_demo_with_a_tiny_model(demo_dir, mesh, tmp_path):
     cfg.tip_adapter.linear_probe = False
     results = E.evaluate(E.build_evaluators(cfg), ctx, step=2, workdir=str(tmp_path))
     zs, ret, lp, tip = results
-    assert [r["task"] for r in results] == ["zeroshot_clip_demo", "retrieval_clip_demo",
-                                            "linear_probe_clip_demo_validation",
-                                            "tip_adapter_clip_demo_validation"]
+    assert [r["task"] for r in results] == [
+        "zeroshot_clip_demo",
+        "retrieval_clip_demo",
+        "linear_probe_clip_demo_validation",
+        "tip_adapter_clip_demo_validation",
+    ]
 
     # Independent path: one device, the loader unsharded, model.apply directly.
-    apply = jax.jit(lambda x: model.apply({"params": params, **variables}, x, method="encode_image"))
+    apply = jax.jit(
+        lambda x: model.apply({"params": params, **variables}, x, method="encode_image")
+    )
     feats, labels = [], []
-    for batch in pipeline.eval_loader("clip_demo", "test", demo_dir, batch_size=32, image_size=32,
-                                      shard_index=0, shard_count=1):
+    for batch in pipeline.eval_loader(
+        "clip_demo", "test", demo_dir, batch_size=32, image_size=32, shard_index=0, shard_count=1
+    ):
         keep = batch["mask"]
         feats.append(np.asarray(apply(batch["image"]))[keep])
         labels.append(batch["label"][keep])
     feats, labels = _unit(np.concatenate(feats).astype(np.float64)), np.concatenate(labels)
-    np.testing.assert_allclose(ctx.image_features("clip_demo", "test")["features"], feats, atol=2e-4)
-    names = [n.replace("_", " ") for n in pipeline.dataset_info("clip_demo", demo_dir)["class_names"]]
-    text = np.asarray(model.apply({"params": params, **variables}, jnp.asarray(tok.encode(
-        [f"a photo of a {n}." for n in names])), method="encode_text"), np.float64)
+    np.testing.assert_allclose(
+        ctx.image_features("clip_demo", "test")["features"], feats, atol=2e-4
+    )
+    names = [
+        n.replace("_", " ") for n in pipeline.dataset_info("clip_demo", demo_dir)["class_names"]
+    ]
+    text = np.asarray(
+        model.apply(
+            {"params": params, **variables},
+            jnp.asarray(tok.encode([f"a photo of a {n}." for n in names])),
+            method="encode_text",
+        ),
+        np.float64,
+    )
     ranked = np.argsort(-(feats @ _unit(text).T), axis=1)
     assert abs(zs["metrics"]["top1"] - np.mean(ranked[:, 0] == labels)) <= 1 / len(labels) + 1e-9
     top5 = np.mean([labels[i] in ranked[i, :5] for i in range(len(labels))])
     assert abs(zs["metrics"]["top5"] - top5) <= 1 / len(labels) + 1e-9
-    assert zs["num_examples"] == 40 and zs["num_classes"] == 64 and zs["templates"] == ["a photo of a {}."]
+    assert (
+        zs["num_examples"] == 40
+        and zs["num_classes"] == 64
+        and zs["templates"] == ["a photo of a {}."]
+    )
 
     captions = pipeline.read_captions("clip_demo", "test", demo_dir)
     assert ret["num_examples"] == 40 and ret["num_texts"] == sum(len(c) for c in captions) == 120
@@ -387,7 +468,9 @@ def test_evaluate_command_rejects_a_missing_step(tmp_path):
     ckpt.save(10, {"x": jnp.ones(3)}, {"next_batch": 1})
     ckpt.wait()
     ckpt.close()
-    with pytest.raises(EvaluationError, match="--step=7: no checkpoint for step 7 in .*available steps: 10"):
+    with pytest.raises(
+        EvaluationError, match="--step=7: no checkpoint for step 7 in .*available steps: 10"
+    ):
         evaluate_checkpoint(config, str(tmp_path), step=7, tasks="zeroshot:clip_demo")
     with pytest.raises(EvaluationError, match="no evaluation tasks"):
         evaluate_checkpoint(config, str(tmp_path), step=10)
@@ -401,13 +484,16 @@ def test_evaluation_during_training_equals_the_standalone_command(demo_data_dir,
     import subprocess
     import sys
 
-    from clip_jax import train as train_lib
     from test_train import DEMO, smoke
+
+    from clip_jax import train as train_lib
 
     c = smoke(DEMO, demo_data_dir, total_steps=2)
     c.eval.every_steps = 2
-    c.eval.tasks = ("zeroshot:clip_demo@test,retrieval:clip_demo@validation,"
-                    "linear_probe:clip_demo@validation,tip_adapter:clip_demo@validation")
+    c.eval.tasks = (
+        "zeroshot:clip_demo@test,retrieval:clip_demo@validation,"
+        "linear_probe:clip_demo@validation,tip_adapter:clip_demo@validation"
+    )
     # Small searches: the point is equality of the two paths, not the accuracy.
     c.eval.tip_adapter.shots = (1, 2)
     c.eval.tip_adapter.search_step = (20, 5)
@@ -418,13 +504,18 @@ def test_evaluation_during_training_equals_the_standalone_command(demo_data_dir,
     train_lib.train(c, workdir)
 
     def results(directory):
-        return {name: json.load(open(os.path.join(directory, name)))
-                for name in sorted(os.listdir(directory))}
+        return {
+            name: json.load(open(os.path.join(directory, name)))
+            for name in sorted(os.listdir(directory))
+        }
 
     during = results(os.path.join(workdir, "eval", "2"))
     shutil.rmtree(os.path.join(workdir, "eval"))
-    subprocess.run([sys.executable, "-m", "clip_jax.evaluate", f"--workdir={workdir}", "--step=2"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "clip_jax.evaluate", f"--workdir={workdir}", "--step=2"],
+        check=True,
+        capture_output=True,
+    )
     standalone = results(os.path.join(workdir, "eval", "2"))
 
     assert len(during) == 4 and during.keys() == standalone.keys()

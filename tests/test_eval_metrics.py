@@ -1,11 +1,11 @@
 """Metric functions of clip_jax.eval.metrics against independent numpy / scikit-learn code."""
-import warnings
 
-import numpy as np
-import pytest
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from clip_jax.eval import metrics as M
 
@@ -53,12 +53,16 @@ def test_zero_shot_accuracy_and_per_class_recall_match_numpy():
     c, t, d, n = 9, 4, 16, 120
     text = rng.normal(size=(c, t, d)).astype(np.float32)
     classifier = M.zero_shot_classifier(text)
-    labels = rng.integers(0, c - 1, size=n)          # class c-1 never occurs
-    labels[:30] = 0                                  # unbalanced classes
+    labels = rng.integers(0, c - 1, size=n)  # class c-1 never occurs
+    labels[:30] = 0  # unbalanced classes
     images = np.asarray(classifier)[labels] + rng.normal(size=(n, d)).astype(np.float32) * 0.9
     logits = np.asarray(M.zero_shot_logits(images, classifier))
-    np.testing.assert_allclose(logits, 100 * _unit(images.astype(np.float64)) @ np.asarray(classifier, np.float64).T,
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        logits,
+        100 * _unit(images.astype(np.float64)) @ np.asarray(classifier, np.float64).T,
+        rtol=1e-4,
+        atol=1e-3,
+    )
     got = M.classification_metrics(logits, labels, k=(1, 5))
     top1, top5, mpcr = _numpy_scores(logits, labels)
     assert got["top1"] == pytest.approx(top1)
@@ -66,7 +70,9 @@ def test_zero_shot_accuracy_and_per_class_recall_match_numpy():
     assert got["mean_per_class_recall"] == pytest.approx(mpcr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn notes that a never-seen class is predicted
-        assert got["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(1)))
+        assert got["mean_per_class_recall"] == pytest.approx(
+            balanced_accuracy_score(labels, logits.argmax(1))
+        )
     assert got["num_examples"] == n
     assert 0 < got["top1"] < got["top5"] < 1
 
@@ -74,10 +80,10 @@ def test_zero_shot_accuracy_and_per_class_recall_match_numpy():
 def test_classification_metrics_mask_and_few_classes():
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [5.0, 0.0]])
     labels = np.array([1, 1, 1, 0])
-    mask = np.array([True, True, True, False])       # last row is padding
+    mask = np.array([True, True, True, False])  # last row is padding
     got = M.classification_metrics(logits, labels, k=(1, 5), mask=mask)
     assert got["top1"] == pytest.approx(2 / 3)
-    assert got["top5"] == 1.0                        # k > number of classes: everything is in the top k
+    assert got["top5"] == 1.0  # k > number of classes: everything is in the top k
     assert got["mean_per_class_recall"] == pytest.approx(2 / 3)
     assert got["num_examples"] == 3
 
@@ -115,8 +121,8 @@ def _brute_force_recall(img, txt, t2i, ks):
 def _caption_data(seed, n=37, d=16, noise=1.6):
     rng = np.random.default_rng(seed)
     img = rng.normal(size=(n, d)).astype(np.float32)
-    counts = rng.integers(1, 6, size=n)              # 1..5 captions per image
-    counts[3] = 0                                    # one image without a caption
+    counts = rng.integers(1, 6, size=n)  # 1..5 captions per image
+    counts[3] = 0  # one image without a caption
     t2i = np.repeat(np.arange(n), counts)
     rng.shuffle(t2i)
     txt = img[t2i] + rng.normal(size=(len(t2i), d)).astype(np.float32) * noise
@@ -132,13 +138,15 @@ def test_retrieval_recall_matches_brute_force_with_several_captions():
         assert got[key] == pytest.approx(value), key
     assert got["num_images"] == len(img) - 1
     assert got["num_texts"] == len(txt)
-    assert 0 < got["i2t_R@1"] < got["i2t_R@10"] <= 1   # the data is neither trivial nor hopeless
+    assert 0 < got["i2t_R@1"] < got["i2t_R@10"] <= 1  # the data is neither trivial nor hopeless
 
 
 def test_blockwise_retrieval_equals_dense():
     img, txt, t2i = _caption_data(1, n=45)
     ks = (1, 2, 5, 10)
-    dense = M.retrieval_recall(img, txt, t2i, ks, query_block=10_000, key_block=10_000)  # one block each
+    dense = M.retrieval_recall(
+        img, txt, t2i, ks, query_block=10_000, key_block=10_000
+    )  # one block each
     for qb, kb in [(7, 5), (16, 64), (45, 3)]:
         blocked = M.retrieval_recall(img, txt, t2i, ks, query_block=qb, key_block=kb)
         assert blocked == dense, (qb, kb)
@@ -176,14 +184,16 @@ def test_block_kernel_memory_does_not_grow_with_captions():
         keys = jax.ShapeDtypeStruct((m, 32), jnp.float32)
         compiled = M.topk_over_keys.lower(q, keys, jnp.int32(m), k=10, key_block=256).compile()
         temps[m] = compiled.memory_analysis().temp_size_in_bytes
-    dense_bytes = 128 * 65536 * 4                    # one dense [queries, captions] float32 block
+    dense_bytes = 128 * 65536 * 4  # one dense [queries, captions] float32 block
     assert abs(temps[65536] - temps[1024]) <= 0.01 * temps[1024], temps
     assert temps[65536] < dense_bytes / 10, temps
 
 
 def test_retrieval_rejects_bad_caption_index():
     img, txt = np.ones((3, 4)), np.ones((2, 4))
-    with pytest.raises(ValueError, match=r"text_to_image holds 5; expected image indices in 0\.\.2"):
+    with pytest.raises(
+        ValueError, match=r"text_to_image holds 5; expected image indices in 0\.\.2"
+    ):
         M.retrieval_recall(img, txt, np.array([0, 5]))
     with pytest.raises(ValueError, match="one per caption"):
         M.retrieval_recall(img, txt, np.array([0]))
@@ -222,7 +232,11 @@ def test_tip_adapter_search_matches_numpy_grid():
     alphas = np.array([0.0, 0.5, 1.0, 3.0, 10.0], np.float32)
     betas = np.array([0.5, 2.0, 6.0], np.float32)
     got = M.tip_adapter_search(x, y, keys, values, w, alphas=alphas, betas=betas)
-    f, ck, onehot = _unit(x.astype(np.float64)), _unit(cache_x.astype(np.float64)), np.eye(6)[cache_y]
+    f, ck, onehot = (
+        _unit(x.astype(np.float64)),
+        _unit(cache_x.astype(np.float64)),
+        np.eye(6)[cache_y],
+    )
     best = (-1.0, None, None)
     for b in betas:
         for a in alphas:
@@ -240,7 +254,9 @@ def test_sample_k_shot():
     idx = M.sample_k_shot(labels, 2, seed=3)
     assert len(idx) == 6 and np.all(np.bincount(labels[idx]) == 2)
     np.testing.assert_array_equal(idx, M.sample_k_shot(labels, 2, seed=3))
-    with pytest.raises(ValueError, match="class 1 has 3 training examples; 4-shot needs at least 4"):
+    with pytest.raises(
+        ValueError, match="class 1 has 3 training examples; 4-shot needs at least 4"
+    ):
         M.sample_k_shot(labels, 4)
 
 
@@ -289,7 +305,9 @@ def test_linear_probe_protocol_matches_sklearn_sweep():
         model = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x[tr], y[tr])
         val_acc[c] = model.score(x[va], y[va])
     best = max(sorted(cs), key=lambda c: (val_acc[c], -c))
-    final = LogisticRegression(C=best, max_iter=5000, tol=1e-8).fit(x[np.r_[tr, va]], y[np.r_[tr, va]])
+    final = LogisticRegression(C=best, max_iter=5000, tol=1e-8).fit(
+        x[np.r_[tr, va]], y[np.r_[tr, va]]
+    )
     assert got["best_C"] == best
     assert got["val_top1"] == pytest.approx(val_acc[best])
     assert abs(got["top1"] - final.score(x[te], y[te])) <= 1 / len(te) + 1e-9
@@ -299,15 +317,17 @@ def test_linear_probe_protocol_matches_sklearn_sweep():
 
 def test_linear_probe_refine_and_carved_validation():
     x, y = _probe_data(2, n=300)
-    got = M.linear_probe(x[:240], y[:240], None, None, x[240:], y[240:], c_values=(1e-3, 1.0, 1e3), refine_steps=1)
+    got = M.linear_probe(
+        x[:240], y[:240], None, None, x[240:], y[240:], c_values=(1e-3, 1.0, 1e3), refine_steps=1
+    )
     assert got["num_train"] == 192 and got["num_val"] == 48
-    assert len(got["val_top1_by_C"]) >= 4               # the refinement tried midpoints
+    assert len(got["val_top1_by_C"]) >= 4  # the refinement tried midpoints
     assert got["top1"] > 0.5
 
 
 def test_logistic_regression_chunked_equals_one_chunk():
     x, y = _probe_data(3, n=250)
     w1, b1 = M.fit_logistic_regression(x, y, 4, 1.0)
-    w2, b2 = M.fit_logistic_regression(x, y, 4, 1.0, chunk=64)   # 4 chunks, the last one padded
+    w2, b2 = M.fit_logistic_regression(x, y, 4, 1.0, chunk=64)  # 4 chunks, the last one padded
     np.testing.assert_allclose(w1, w2, atol=2e-3)
     np.testing.assert_allclose(b1, b2, atol=2e-3)

@@ -1,5 +1,5 @@
 """Prompt templates and class names (clip_jax.eval.templates / classnames)."""
-import glob
+
 import os
 
 import numpy as np
@@ -40,12 +40,14 @@ def test_template_without_exactly_one_placeholder_is_rejected(bad, tmp_path):
         T.load_templates([bad])
     path = tmp_path / "bad.txt"
     path.write_text(f"a photo of a {{}}.\n{bad}\n")
-    with pytest.raises(ValueError, match=rf"bad\.txt:2\).*must contain exactly one"):
+    with pytest.raises(ValueError, match=r"bad\.txt:2\).*must contain exactly one"):
         T.load_templates(str(path))
 
 
 def test_unknown_template_spec_and_empty_file(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown template spec 'imagenett'.*one template per line"):
+    with pytest.raises(
+        ValueError, match=r"unknown template spec 'imagenett'.*one template per line"
+    ):
         T.load_templates("imagenett")
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
@@ -71,12 +73,12 @@ def test_imagenet_names_and_subset_indices():
     for idx in (CN.IMAGENET_A_INDICES, CN.IMAGENET_R_INDICES):
         assert len(idx) == 200 and list(idx) == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < 1000
     wnids = _tfds_imagenet_wnids()
-    assert len(wnids) == 1000 and wnids == sorted(wnids)   # tfds label i = i-th sorted wnid
+    assert len(wnids) == 1000 and wnids == sorted(wnids)  # tfds label i = i-th sorted wnid
     # Spot checks against the datasets' WordNet ids.
-    assert wnids.index("n01443537") in CN.IMAGENET_R_INDICES        # goldfish: in R, not in A
+    assert wnids.index("n01443537") in CN.IMAGENET_R_INDICES  # goldfish: in R, not in A
     assert wnids.index("n01443537") not in CN.IMAGENET_A_INDICES
-    assert wnids.index("n01498041") == CN.IMAGENET_A_INDICES[0]      # stingray: first class of A
-    assert wnids.index("n12267677") == CN.IMAGENET_A_INDICES[-1]     # acorn: last class of A
+    assert wnids.index("n01498041") == CN.IMAGENET_A_INDICES[0]  # stingray: first class of A
+    assert wnids.index("n12267677") == CN.IMAGENET_A_INDICES[-1]  # acorn: last class of A
     assert wnids.index("n12267677") == CN.IMAGENET_R_INDICES[-1]
     assert names[wnids.index("n12267677")] == "acorn"
 
@@ -87,8 +89,10 @@ def test_class_names_for_imagenet_variants():
         assert cn.names == CN.IMAGENET_CLASSNAMES and cn.label_map is None
 
 
-@pytest.mark.parametrize("dataset,indices", [("imagenet_a", CN.IMAGENET_A_INDICES),
-                                             ("imagenet_r", CN.IMAGENET_R_INDICES)])
+@pytest.mark.parametrize(
+    "dataset,indices",
+    [("imagenet_a", CN.IMAGENET_A_INDICES), ("imagenet_r", CN.IMAGENET_R_INDICES)],
+)
 def test_class_names_for_200_class_sets(dataset, indices):
     # tfds: labels are ImageNet-1k indices (1000 names) -> 200 columns + a label map.
     cn = CN.class_names_for(dataset, info_names=["x"] * 1000)
@@ -115,8 +119,12 @@ def test_class_names_override_file(tmp_path):
     path = tmp_path / "names.txt"
     path.write_text("round thing\nsquare thing\n")
     assert CN.class_names_for("clip_demo", ["a", "b"], override_path=str(path)).names == (
-        "round thing", "square thing")
-    with pytest.raises(ValueError, match=r"names\.txt' has 2 names but dataset 'clip_demo' has 3 classes"):
+        "round thing",
+        "square thing",
+    )
+    with pytest.raises(
+        ValueError, match=r"names\.txt' has 2 names but dataset 'clip_demo' has 3 classes"
+    ):
         CN.class_names_for("clip_demo", ["a", "b", "c"], override_path=str(path))
     with pytest.raises(ValueError, match="has 2 names but imagenet_a has 200 classes"):
         CN.class_names_for("imagenet_a", override_path=str(path))
@@ -129,5 +137,7 @@ def test_class_names_override_file(tmp_path):
 
 
 def test_dataset_without_class_names_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"'my_set' has no class names in its metadata.*class names file"):
+    with pytest.raises(
+        ValueError, match=r"'my_set' has no class names in its metadata.*class names file"
+    ):
         CN.class_names_for("my_set", info_names=None)

@@ -24,23 +24,31 @@ def _xla_flops(fn, *args) -> float:
 # XLA also counts elementwise work (a little more than the matrix products), and counts a
 # padded convolution's taps only where they meet the image (a little less than the usual
 # convention, which the analytic count follows): hence per-tower tolerances.
-@pytest.mark.parametrize("name,tower,low,high", [
-    ("ViT-B/32", "image", 1.0, 1.02),
-    ("ViT-B/32", "text", 1.0, 1.02),
-    ("RN50", "image", 0.95, 1.0),
-])
+@pytest.mark.parametrize(
+    "name,tower,low,high",
+    [
+        ("ViT-B/32", "image", 1.0, 1.02),
+        ("ViT-B/32", "text", 1.0, 1.02),
+        ("RN50", "image", 0.95, 1.0),
+    ],
+)
 def test_forward_flops_per_tower_match_xla(name, tower, low, high):
     model, params, images, tokens = _abstract(name)
     c = model.config
     if tower == "image":
         v = c.vision
-        analytic = (flops.vit_forward(v.image_size, v.patch_size, v.width, v.layers, c.embed_dim)
-                    if v.kind == "vit" else
-                    flops.resnet_forward(v.image_size, v.layers, v.width, v.heads, c.embed_dim))
+        analytic = (
+            flops.vit_forward(v.image_size, v.patch_size, v.width, v.layers, c.embed_dim)
+            if v.kind == "vit"
+            else flops.resnet_forward(v.image_size, v.layers, v.width, v.heads, c.embed_dim)
+        )
         xla = _xla_flops(lambda p, x: model.apply(p, x, method="encode_image"), params, images)
     else:
         t = c.text
-        analytic = flops.transformer_forward(t.context_length, t.width, t.layers) + 2 * t.width * c.embed_dim
+        analytic = (
+            flops.transformer_forward(t.context_length, t.width, t.layers)
+            + 2 * t.width * c.embed_dim
+        )
         xla = _xla_flops(lambda p, x: model.apply(p, x, method="encode_text"), params, tokens)
     assert low <= xla / (2 * analytic) <= high  # batch of 2
 

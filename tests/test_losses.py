@@ -1,6 +1,7 @@
 """Tests for clip_jax.losses: dense forms against an independent numpy reference, sharded forms
 (gather, ring) against the dense forms (value, metrics and gradients), memory bounds read from
 the compiled HLO, and input validation."""
+
 import math
 
 import jax
@@ -39,8 +40,9 @@ def np_reference(kind, img, txt, scale, bias):
     img = np.asarray(img, np.float64)
     txt = np.asarray(txt, np.float64)
     n = img.shape[0]
-    logits = [[scale * float(np.dot(img[i], txt[j])) + (bias or 0.0) for j in range(n)]
-              for i in range(n)]
+    logits = [
+        [scale * float(np.dot(img[i], txt[j])) + (bias or 0.0) for j in range(n)] for i in range(n)
+    ]
     cols = [[logits[i][j] for i in range(n)] for j in range(n)]
     if kind == "softmax":
         i2t = sum(_np_lse(logits[i]) - logits[i][i] for i in range(n)) / n
@@ -91,9 +93,9 @@ def _known_accuracy_case():
     s[5, 2] = 3.0  # row 5 -> col 2 (wrong); col 2 -> row 5 (wrong)
     s[1, 4] = 1.5  # row 1 -> col 4 (wrong) ...
     s[4, 4] = 2.5  # ... but col 4 -> row 4 (right)
-    c = (s ** 2).sum(0).max() + 1.0
+    c = (s**2).sum(0).max() + 1.0
     img = np.concatenate([np.eye(n), np.zeros((n, 1))], 1)
-    spare = np.sqrt(c - (s ** 2).sum(0))
+    spare = np.sqrt(c - (s**2).sum(0))
     txt = np.concatenate([s, spare[None, :]], 0).T / np.sqrt(c)
     return jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), 13 / 16, 14 / 16
 
@@ -121,8 +123,9 @@ def test_dense_matches_numpy_reference(kind):
     img, txt = _embeddings(batch=24, width=8, signal=0.8)
     bias = BIAS if kind == "sigmoid" else None
     fn = losses.softmax_loss if kind == "softmax" else losses.sigmoid_loss
-    loss, metrics = jax.jit(fn)(img, txt, jnp.float32(SCALE),
-                                None if bias is None else jnp.float32(bias))
+    loss, metrics = jax.jit(fn)(
+        img, txt, jnp.float32(SCALE), None if bias is None else jnp.float32(bias)
+    )
     ref_loss, ref_i2t, ref_t2i = np_reference(kind, img, txt, SCALE, bias)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     assert float(metrics["i2t_acc"]) == pytest.approx(ref_i2t)
@@ -158,7 +161,8 @@ def test_accuracy_ties_go_to_lowest_index_in_every_form():
     for impl in ("dense", "gather", "ring"):
         for kind in ("softmax", "sigmoid"):
             _, m = jax.jit(losses.make_loss(kind, mesh, impl))(
-                img, img, jnp.float32(SCALE), jnp.float32(BIAS))
+                img, img, jnp.float32(SCALE), jnp.float32(BIAS)
+            )
             assert float(m["i2t_acc"]) == pytest.approx(1 / 16), (kind, impl)
             assert float(m["t2i_acc"]) == pytest.approx(1 / 16), (kind, impl)
 
@@ -178,8 +182,7 @@ def test_sharded_value_and_grads_match_dense(kind, shape):
     assert float(jnp.max(jnp.abs(ref_g[0]))) > 1e-3  # gradients are not trivially zero
     gimg, gtxt = _put(mesh, img, txt)
     for impl in ("gather", "ring"):
-        (loss, m), g = _value_and_grad(losses.make_loss(kind, mesh, impl))(
-            gimg, gtxt, scale, bias)
+        (loss, m), g = _value_and_grad(losses.make_loss(kind, mesh, impl))(gimg, gtxt, scale, bias)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5, err_msg=impl)
         for k in ("i2t_acc", "t2i_acc"):
             assert float(m[k]) == pytest.approx(float(ref_m[k])), (impl, k)
@@ -199,8 +202,9 @@ def test_softmax_without_bias_and_bf16_inputs(impl):
     g, r = grad(img16, txt16, jnp.float32(SCALE)), ref(img16, txt16, jnp.float32(SCALE))
     assert g[0].dtype == jnp.bfloat16 and g[1].dtype == jnp.bfloat16
     for a, b in zip(g, r):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=2e-2, atol=2e-3)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-3
+        )
 
 
 def test_batch_over_data_axis_only():

@@ -3,6 +3,7 @@ EOT pooling, logit scale/bias, uint8 normalisation, logical axis names, remat, b
 
 Everything runs on tiny models (or jax.eval_shape for the published sizes) on CPU.
 """
+
 import dataclasses
 import functools
 import json
@@ -17,11 +18,30 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from clip_jax.models import (CLIP, CLIPConfig, TextConfig, VisionConfig, create_model,
-                             get_config, list_models)
+from clip_jax.models import (
+    CLIP,
+    CLIPConfig,
+    TextConfig,
+    VisionConfig,
+    create_model,
+    get_config,
+    list_models,
+)
 
-ALLOWED_AXES = {"embed", "mlp", "heads", "head_dim", "vocab", "position", "proj", "conv_in",
-                "conv_out", "conv_h", "conv_w", "norm"}
+ALLOWED_AXES = {
+    "embed",
+    "mlp",
+    "heads",
+    "head_dim",
+    "vocab",
+    "position",
+    "proj",
+    "conv_in",
+    "conv_out",
+    "conv_h",
+    "conv_w",
+    "norm",
+}
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
 
@@ -43,17 +63,21 @@ def _inputs(config, batch=2, seed=0, length=None):
 
 def _config(name, overrides):
     """get_config with tower overrides given as hashable tuples of (key, value) pairs."""
-    return get_config(name, **{k: dict(v) if isinstance(v, tuple) else v
-                               for k, v in overrides.items()})
+    return get_config(
+        name, **{k: dict(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_vars(name, **overrides):
     config = _config(name, overrides)
     s, ctx = config.vision.image_size, config.text.context_length
-    return jax.eval_shape(CLIP(config).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8),
-                          jax.ShapeDtypeStruct((1, ctx), jnp.int32))
+    return jax.eval_shape(
+        CLIP(config).init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, s, s, 3), jnp.uint8),
+        jax.ShapeDtypeStruct((1, ctx), jnp.int32),
+    )
 
 
 def _count(tree):
@@ -76,7 +100,7 @@ def _random_like(path, shape, rng):
     return rng.standard_normal(shape) / math.sqrt(shape[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init(name, **overrides):
     """(model, unboxed variables with every array random). Values come from numpy on the
     structure of ``jax.eval_shape(model.init)``: no zero biases or zero BN scales hide
@@ -85,7 +109,8 @@ def _init(name, **overrides):
     rng = np.random.default_rng(1)
     variables = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(_random_like(p, x.shape, rng), x.dtype),
-        nn.meta.unbox(_abstract_vars(name, **overrides)))
+        nn.meta.unbox(_abstract_vars(name, **overrides)),
+    )
     return model, variables
 
 
@@ -107,8 +132,10 @@ def np_attention(xq, xkv, p, causal):
     d, n, dh = p["query"]["kernel"].shape
     out = 0.0
     for h in range(n):
-        q, k, v = (x @ p[name]["kernel"][:, h] + p[name]["bias"][h]
-                   for name, x in (("query", xq), ("key", xkv), ("value", xkv)))
+        q, k, v = (
+            x @ p[name]["kernel"][:, h] + p[name]["bias"][h]
+            for name, x in (("query", xq), ("key", xkv), ("value", xkv))
+        )
         logits = q @ np.swapaxes(k, -1, -2) / math.sqrt(dh)
         if causal:
             t = logits.shape[-1]
@@ -146,7 +173,7 @@ def np_text(tokens, p, cfg: TextConfig):
 
 
 def np_vit(images, p, cfg: VisionConfig):
-    b, s = images.shape[0], cfg.image_size
+    b = images.shape[0]
     ps, g = cfg.patch_size, cfg.image_size // cfg.patch_size
     patches = images.reshape(b, g, ps, g, ps, 3).transpose(0, 1, 3, 2, 4, 5)
     x = patches.reshape(b, g * g, ps * ps * 3) @ p["conv1"]["kernel"].reshape(ps * ps * 3, -1)
@@ -188,8 +215,11 @@ def np_resnet(images, p, s, cfg: VisionConfig):
             h = np_pool(h, stride)
             h = np_bn(np_conv(h, bp["conv3"]["kernel"], 1), bp["bn3"], bs["bn3"])
             if "downsample_conv" in bp:
-                idt = np_bn(np_conv(np_pool(x, stride), bp["downsample_conv"]["kernel"], 1),
-                            bp["downsample_bn"], bs["downsample_bn"])
+                idt = np_bn(
+                    np_conv(np_pool(x, stride), bp["downsample_conv"]["kernel"], 1),
+                    bp["downsample_bn"],
+                    bs["downsample_bn"],
+                )
             else:
                 idt = x
             x = relu(h + idt)
@@ -207,8 +237,17 @@ def np_normalize(images):
 
 
 def test_registry_names():
-    assert set(list_models()) >= {"ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336", "RN50",
-                                  "RN101", "RN50x4", "tiny-vit", "tiny-rn"}
+    assert set(list_models()) >= {
+        "ViT-B/32",
+        "ViT-B/16",
+        "ViT-L/14",
+        "ViT-L/14@336",
+        "RN50",
+        "RN101",
+        "RN50x4",
+        "tiny-vit",
+        "tiny-rn",
+    }
     c = get_config("ViT-L/14")
     assert (c.embed_dim, c.text.width, c.text.layers, c.text.heads) == (768, 768, 12, 12)
     assert isinstance(create_model("tiny-vit"), CLIP)
@@ -217,18 +256,22 @@ def test_registry_names():
     rn = get_config("RN50", dtype="bfloat16")
     as_json = json.loads(json.dumps(dataclasses.asdict(rn)))
     assert CLIPConfig(**as_json) == rn
-    assert get_config("ViT-B/32", text={"vocab_size": 32000, "eot_token_id": 2}).text == \
-        TextConfig(vocab_size=32000, eot_token_id=2)
+    assert get_config("ViT-B/32", text={"vocab_size": 32000, "eot_token_id": 2}).text == TextConfig(
+        vocab_size=32000, eot_token_id=2
+    )
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("ViT-B/32", 151_277_313),
-    ("ViT-B/16", 149_620_737),
-    ("ViT-L/14", 427_616_513),
-    ("RN50", 102_007_137),
-    # Closed forms: a larger grid adds only position rows; another vocabulary only token rows.
-    ("ViT-L/14@336", 427_616_513 + (24 * 24 - 16 * 16) * 1024),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("ViT-B/32", 151_277_313),
+        ("ViT-B/16", 149_620_737),
+        ("ViT-L/14", 427_616_513),
+        ("RN50", 102_007_137),
+        # Closed forms: a larger grid adds only position rows; another vocabulary only token rows.
+        ("ViT-L/14@336", 427_616_513 + (24 * 24 - 16 * 16) * 1024),
+    ],
+)
 def test_published_param_counts(name, expected):
     assert _count(_abstract_vars(name)["params"]) == expected
 
@@ -243,8 +286,11 @@ def test_collections():
     rn = _abstract_vars("RN50")
     assert set(rn) == {"params", "batch_stats"}
     # running mean + var for every BN: twice the BN channels; BN params are scale + bias.
-    n_bn_params = sum(_count(v) for p, v in jax.tree_util.tree_flatten_with_path(
-        rn["params"])[0] if "bn" in jax.tree_util.keystr(p))
+    n_bn_params = sum(
+        _count(v)
+        for p, v in jax.tree_util.tree_flatten_with_path(rn["params"])[0]
+        if "bn" in jax.tree_util.keystr(p)
+    )
     assert _count(rn["batch_stats"]) == n_bn_params
 
 
@@ -260,11 +306,23 @@ def test_logical_axis_names(name):
             assert set(leaf.names) <= ALLOWED_AXES, leaf.names
     # Leaf names are a contract with optim.py's decay mask: gains and biases are 'scale' /
     # 'bias' (never e.g. 'query_bias'), the rest are kernels, embeddings and the logit scalars.
-    names = {jax.tree_util.keystr(p[-1:]) for p, _ in jax.tree_util.tree_flatten_with_path(
-        nn.meta.unbox(variables))[0]}
-    assert names <= {"['kernel']", "['bias']", "['scale']", "['mean']", "['var']",
-                     "['class_embedding']", "['positional_embedding']", "['token_embedding']",
-                     "['proj']", "['text_projection']", "['log_scale']"}, names
+    names = {
+        jax.tree_util.keystr(p[-1:])
+        for p, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(variables))[0]
+    }
+    assert names <= {
+        "['kernel']",
+        "['bias']",
+        "['scale']",
+        "['mean']",
+        "['var']",
+        "['class_embedding']",
+        "['positional_embedding']",
+        "['token_embedding']",
+        "['proj']",
+        "['text_projection']",
+        "['log_scale']",
+    }, names
     specs = nn.get_partition_spec(variables["params"])
     attn = specs["text"]["transformer"]["resblocks_0"]["attn"]
     assert tuple(attn["query"]["kernel"]) == ("embed", "heads", "head_dim")
@@ -274,7 +332,7 @@ def test_logical_axis_names(name):
     assert tuple(mlp["fc"]["kernel"]) == ("embed", "mlp")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fn(name, method=None, **overrides):
     """A jitted ``model.apply`` (``method``: None, 'image' or 'text'), cached so that tests
     calling the same model with the same shapes compile it once."""
@@ -285,11 +343,14 @@ def _fn(name, method=None, **overrides):
     return jax.jit(functools.partial(model.apply, method=encoder))
 
 
-@pytest.mark.parametrize("name,overrides", [
-    ("tiny-vit", {}),
-    # At 32px the last ResNet map is 1x1, which would make attention pooling trivial.
-    ("tiny-rn", {"vision": (("image_size", 64),)}),
-])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("tiny-vit", {}),
+        # At 32px the last ResNet map is 1x1, which would make attention pooling trivial.
+        ("tiny-rn", {"vision": (("image_size", 64),)}),
+    ],
+)
 def test_matches_numpy_reference(name, overrides):
     model, variables = _init(name, **overrides)
     config = model.config
@@ -300,20 +361,19 @@ def test_matches_numpy_reference(name, overrides):
     if config.vision.kind == "vit":
         ref_img = np_vit(x, p["visual"], config.vision)
     else:
-        ref_img = np_resnet(x, p["visual"], _np(variables["batch_stats"]["visual"]),
-                            config.vision)
+        ref_img = np_resnet(x, p["visual"], _np(variables["batch_stats"]["visual"]), config.vision)
     assert np.abs(ref_img).mean() > 0.1  # the comparison below is not between near-zeros
     np.testing.assert_allclose(img, ref_img, rtol=2e-4, atol=2e-4)
     txt = _fn(name, "text")(variables, tokens)  # text tower: same shapes as the base model
-    np.testing.assert_allclose(txt, np_text(tokens, p["text"], config.text), rtol=2e-4,
-                               atol=2e-4)
+    np.testing.assert_allclose(txt, np_text(tokens, p["text"], config.text), rtol=2e-4, atol=2e-4)
 
 
 def test_text_pools_first_eot_not_argmax():
     # EOT id 3 is not the largest id, there are two EOTs in row 0 and none in row 1.
     model, variables = _init("tiny-vit", text=(("eot_token_id", 3),))
-    tokens = np.array([[10, 900, 3, 500, 3, 999, 7, 8],
-                       [10, 900, 20, 500, 30, 999, 7, 8]], np.int32)
+    tokens = np.array(
+        [[10, 900, 3, 500, 3, 999, 7, 8], [10, 900, 20, 500, 30, 999, 7, 8]], np.int32
+    )
     txt = _fn("tiny-vit", "text", text=(("eot_token_id", 3),))(variables, tokens)
     ref = np_text(tokens, _np(variables["params"]["text"]), model.config.text)
     np.testing.assert_allclose(txt, ref, rtol=2e-4, atol=2e-4)
@@ -396,8 +456,7 @@ def test_uint8_equals_manual_normalisation(name):
     images, _ = _inputs(model.config, seed=3)
     enc = _fn(name, "image")
     manual = np_normalize(images.astype(np.float64)).astype(np.float32)
-    np.testing.assert_allclose(enc(variables, images), enc(variables, manual), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(enc(variables, images), enc(variables, manual), rtol=1e-5, atol=1e-5)
 
 
 def _loss_and_grads(name, policy, variables, images, tokens):
@@ -423,10 +482,13 @@ def _loss_and_grads(name, policy, variables, images, tokens):
     return compiled(variables["params"]), checkpoints
 
 
-@pytest.mark.parametrize("name,policies,tower", [
-    ("tiny-vit", ["full", "dots", "dots_no_batch"], "both"),
-    ("tiny-rn", ["full"], "image"),  # the text tower is the same code as tiny-vit's
-])
+@pytest.mark.parametrize(
+    "name,policies,tower",
+    [
+        ("tiny-vit", ["full", "dots", "dots_no_batch"], "both"),
+        ("tiny-rn", ["full"], "image"),  # the text tower is the same code as tiny-vit's
+    ],
+)
 def test_remat_policies_match_none(name, policies, tower):
     model, variables = _init(name)
     images, tokens = _inputs(model.config)

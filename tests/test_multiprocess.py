@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+from test_train import DEMO, read_metrics, smoke
 
 from clip_jax import train as train_lib
-from test_train import DEMO, read_metrics, smoke
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -21,15 +21,27 @@ def test_two_processes_train_like_one(demo_data_dir, tmp_path):
 
     two = str(tmp_path / "two_processes")
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes=2",
-         "--devices_per_process=4", "--", f"--config={DEMO}:smoke", f"--workdir={two}",
-         f"--config.data.data_dir={demo_data_dir}", "--config.total_steps=4",
-         "--config.checkpoint.every_steps=2"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "local.py"),
+            "--processes=2",
+            "--devices_per_process=4",
+            "--",
+            f"--config={DEMO}:smoke",
+            f"--workdir={two}",
+            f"--config.data.data_dir={demo_data_dir}",
+            "--config.total_steps=4",
+            "--config.checkpoint.every_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     want, got = read_metrics(one), read_metrics(two)
     assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s]["loss"] for s in got], [want[s]["loss"] for s in got],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [got[s]["loss"] for s in got], [want[s]["loss"] for s in got], rtol=1e-5, atol=1e-6
+    )
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]

@@ -15,11 +15,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from test_train import DEMO, read_metrics, smoke
 
-from clip_jax import optim, step as step_lib
+from clip_jax import optim
+from clip_jax import step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import Checkpointer
-from test_train import DEMO, read_metrics, smoke
 
 TOTAL_STEPS = 24
 
@@ -57,9 +58,16 @@ def final_params(c, workdir):
 
 
 def start_training(workdir, data_dir, *overrides) -> subprocess.Popen:
-    command = [sys.executable, "-m", "clip_jax.train", f"--config={DEMO}:smoke",
-               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-               f"--config.total_steps={TOTAL_STEPS}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "clip_jax.train",
+        f"--config={DEMO}:smoke",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.total_steps={TOTAL_STEPS}",
+        *overrides,
+    ]
     # Inherits XLA_FLAGS from conftest: the same 8 simulated devices as the reference.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -68,7 +76,9 @@ def wait_for(condition, proc, timeout=120.0):
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+            raise AssertionError(
+                f"training exited early ({proc.returncode}):\n{proc.stdout.read()}"
+            )
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("timed out waiting for the training process")
@@ -91,11 +101,13 @@ def finish_and_compare(c, workdir, data_dir, reference, interrupted_at):
     got = losses_by_step(workdir)
     assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
     # Bitwise: same devices, same program, same data order and RNG.
-    np.testing.assert_array_equal([got[s] for s in sorted(got)],
-                                  [ref_losses[s] for s in sorted(got)])
+    np.testing.assert_array_equal(
+        [got[s] for s in sorted(got)], [ref_losses[s] for s in sorted(got)]
+    )
     params = final_params(c, workdir)
-    for (path, want), got_leaf in zip(jax.tree_util.tree_leaves_with_path(ref_params),
-                                      jax.tree.leaves(params)):
+    for (path, want), got_leaf in zip(
+        jax.tree_util.tree_leaves_with_path(ref_params), jax.tree.leaves(params)
+    ):
         np.testing.assert_array_equal(got_leaf, want, err_msg=jax.tree_util.keystr(path))
 
 
@@ -113,12 +125,14 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(data_dir, reference, tmp_p
 
 
 def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(
-        data_dir, reference, tmp_path):
+    data_dir, reference, tmp_path
+):
     workdir = str(tmp_path)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     # A save at every step, asynchronous: one is almost always being written.
-    proc = start_training(workdir, data_dir, "--config.checkpoint.every_steps=1",
-                          "--config.checkpoint.keep=2")
+    proc = start_training(
+        workdir, data_dir, "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=2"
+    )
 
     def saving_after_a_complete_one():
         names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []

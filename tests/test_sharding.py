@@ -1,4 +1,5 @@
 """Tests for clip_jax.sharding: mesh construction, logical rules, parameter and batch shardings."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,13 +15,16 @@ from clip_jax import sharding
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, shape", [
-    ({}, (8, 1, 1)),
-    ({"fsdp": 2}, (4, 2, 1)),
-    ({"data": 2, "fsdp": -1}, (2, 4, 1)),
-    ({"data": 2, "fsdp": 2, "model": 2}, (2, 2, 2)),
-    ({"data": 1, "fsdp": 1, "model": -1}, (1, 1, 8)),
-])
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        ({}, (8, 1, 1)),
+        ({"fsdp": 2}, (4, 2, 1)),
+        ({"data": 2, "fsdp": -1}, (2, 4, 1)),
+        ({"data": 2, "fsdp": 2, "model": 2}, (2, 2, 2)),
+        ({"data": 1, "fsdp": 1, "model": -1}, (1, 1, 8)),
+    ],
+)
 def test_make_mesh_resolves_sizes(kwargs, shape):
     mesh = sharding.make_mesh(**kwargs)
     assert mesh.axis_names == sharding.MESH_AXES == ("data", "fsdp", "model")
@@ -87,8 +91,12 @@ class _Toy(nn.Module):
         p("conv", (3, 3, 3, 8), ("conv_h", "conv_w", "conv_in", "conv_out"))
         p("conv_odd", (3, 3, 8, 6), ("conv_h", "conv_w", "conv_in", "conv_out"))
         p("same_twice", (8, 8), ("embed", "embed"))
-        self.param("mesh_named", nn.with_partitioning(nn.initializers.zeros, ("fsdp", "model")),
-                   (8, 3), jnp.float32)  # plain nn.Partitioned: 3 % 2 -> model dropped
+        self.param(
+            "mesh_named",
+            nn.with_partitioning(nn.initializers.zeros, ("fsdp", "model")),
+            (8, 3),
+            jnp.float32,
+        )  # plain nn.Partitioned: 3 % 2 -> model dropped
         self.param("log_scale", nn.initializers.zeros, (), jnp.float32)  # unboxed leaf
         return x
 
@@ -140,17 +148,22 @@ def test_param_shardings_fall_back_on_other_meshes():
     abstract = _abstract_toy()
     rules = sharding.logical_rules("fsdp")
     # model=1: no 'model' entries at all; fsdp=8 does not divide 6 or 16 -> those replicate.
-    specs = sharding.param_partition_specs(abstract, sharding.make_mesh(data=1, fsdp=8),
-                                           rules)["params"]
+    specs = sharding.param_partition_specs(abstract, sharding.make_mesh(data=1, fsdp=8), rules)[
+        "params"
+    ]
     assert specs["mlp_in"] == P("fsdp") and specs["qkv"] == P("fsdp")
     assert specs["proj_small"] == P(None, "fsdp")  # 16 % 8 == 0
     assert specs["conv_odd"] == P(None, None, "fsdp")
     assert specs["mlp_tiny"] == P()
     # pure data parallel mesh: everything replicated even with fsdp rules
     dp_mesh = sharding.make_mesh()
-    assert all(s == P() for s in jax.tree.leaves(
-        sharding.param_partition_specs(abstract, dp_mesh, rules),
-        is_leaf=lambda x: isinstance(x, P)))
+    assert all(
+        s == P()
+        for s in jax.tree.leaves(
+            sharding.param_partition_specs(abstract, dp_mesh, rules),
+            is_leaf=lambda x: isinstance(x, P),
+        )
+    )
 
 
 def test_dp_rules_replicate_everything():
@@ -174,7 +187,8 @@ def test_rules_work_with_flax_and_with_jit_init():
         ndim = len(abstract["params"][name].value.shape)
         assert flax_sh.is_equivalent_to(ours["params"][name], ndim), name
     # and the shardings place a real initialisation.
-    params = jax.jit(lambda k: nn.unbox(_Toy().init(k, jnp.zeros((1,)))),
-                     out_shardings=ours)(jax.random.key(0))
+    params = jax.jit(lambda k: nn.unbox(_Toy().init(k, jnp.zeros((1,)))), out_shardings=ours)(
+        jax.random.key(0)
+    )
     assert params["params"]["mlp_in"].sharding.spec == P("fsdp", "model")
     assert params["params"]["mlp_in"].addressable_shards[0].data.shape == (8, 32)

@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
-from clip_jax import losses as losses_lib, optim, step as step_lib
+from clip_jax import losses as losses_lib
+from clip_jax import optim
+from clip_jax import step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.data import pipeline
 
-EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
+EXPERIMENTS = sorted(
+    glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py"))
+)
 DEMO = os.path.join(os.path.dirname(__file__), "..", "experiments", "demo.py")
 
 
@@ -83,8 +87,9 @@ def test_resume_is_exact(data_dir, tmp_path):
     again = read_metrics(resumed)
     for step in (3, 4):
         np.testing.assert_allclose(again[step]["loss"], uninterrupted[step]["loss"], rtol=1e-6)
-        np.testing.assert_allclose(again[step]["param_norm"], uninterrupted[step]["param_norm"],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            again[step]["param_norm"], uninterrupted[step]["param_norm"], rtol=1e-6
+        )
 
 
 def test_fsdp_and_data_parallel_give_the_same_losses(data_dir, tmp_path):
@@ -103,8 +108,11 @@ def test_fsdp_gives_each_device_a_quarter_of_every_large_parameter_and_moment(da
     state, _ = step_lib.create_train_state(model, tx, mesh, c.seed)
 
     def large(tree):
-        return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-                if x.size >= 1024]
+        return [
+            (jax.tree_util.keystr(p), x)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if x.size >= 1024
+        ]
 
     params, moments = large(state.params), large(state.opt_state)
     # AdamW keeps two moments per parameter; a frozen tower would keep none.
@@ -124,8 +132,9 @@ def test_a_tiny_model_overfits_256_pairs(data_dir):
     size = model.config.vision.image_size
     # 256 pairs with distinct captions, so that in-batch retrieval has one right answer.
     images, texts, seen = [], [], set()
-    for batch in pipeline.eval_loader("clip_demo", "train", data_dir, batch_size=64,
-                                      image_size=size, tokenizer=tokenizer):
+    for batch in pipeline.eval_loader(
+        "clip_demo", "train", data_dir, batch_size=64, image_size=size, tokenizer=tokenizer
+    ):
         for image, text, ok in zip(batch["image"], batch["text"], batch["mask"]):
             if ok and text.tobytes() not in seen and len(texts) < 256:
                 seen.add(text.tobytes())
@@ -137,8 +146,9 @@ def test_a_tiny_model_overfits_256_pairs(data_dir):
     tx = optim.make_optimizer(c.optim, c.total_steps)
     loss_fn = losses_lib.make_loss(c.loss.kind, mesh, c.loss.impl)
     state, shardings = step_lib.create_train_state(model, tx, mesh, c.seed)
-    train_step = step_lib.make_train_step(model, tx, loss_fn, optim.schedule(c.optim, c.total_steps),
-                                          shardings, mesh)
+    train_step = step_lib.make_train_step(
+        model, tx, loss_fn, optim.schedule(c.optim, c.total_steps), shardings, mesh
+    )
     eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
     before = jax.device_get(eval_step(state.params, state.model_state, batch))
     for _ in range(c.total_steps):
@@ -151,12 +161,15 @@ def test_a_tiny_model_overfits_256_pairs(data_dir):
     assert after["i2t_acc"] > 0.95 and after["t2i_acc"] > 0.95, after
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("optim.lrr", 1e-3, "did you mean 'optim.lr'"),
-    ("batch_size", 12, "not divisible by the 8 devices"),
-    ("mesh.data", 3, "does not match the 8 devices"),
-    ("data.name", "no_such_dataset", "no_such_dataset"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("optim.lrr", 1e-3, "did you mean 'optim.lr'"),
+        ("batch_size", 12, "not divisible by the 8 devices"),
+        ("mesh.data", 3, "does not match the 8 devices"),
+        ("data.name", "no_such_dataset", "no_such_dataset"),
+    ],
+)
 def test_bad_config_fails_fast_with_the_fix(key, value, message, data_dir, tmp_path):
     c = smoke(DEMO, data_dir)
     node, *rest = key.split(".")

@@ -11,18 +11,25 @@ import importlib
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
 
 _LAZY = {
-    "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-    "ensure_prepared": "prepare", "prepare": "prepare",
-    "train_loader": "pipeline", "eval_loader": "pipeline", "to_global": "pipeline",
-    "read_captions": "pipeline", "dataset_info": "pipeline",
-    "demo_tokenizer": "builders.clip_demo", "demo_tokenizer_path": "builders.clip_demo",
+    "Tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "ensure_prepared": "prepare",
+    "prepare": "prepare",
+    "train_loader": "pipeline",
+    "eval_loader": "pipeline",
+    "to_global": "pipeline",
+    "read_captions": "pipeline",
+    "dataset_info": "pipeline",
+    "demo_tokenizer": "builders.clip_demo",
+    "demo_tokenizer_path": "builders.clip_demo",
 }
 
 
 def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(f"clip_jax.data.{_LAZY[name]}"), name)
-  raise AttributeError(f"module 'clip_jax.data' has no attribute {name!r}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"clip_jax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'clip_jax.data' has no attribute {name!r}")
 
 
 __all__ = ["DataError", "DatasetNotPreparedError", *_LAZY]

@@ -2,8 +2,8 @@
 
 
 class DataError(ValueError):
-  """Bad input data or arguments (missing/empty/unreadable source, unknown field...)."""
+    """Bad input data or arguments (missing/empty/unreadable source, unknown field...)."""
 
 
 class DatasetNotPreparedError(DataError, FileNotFoundError):
-  """A dataset (or split) is not in data_dir; the message holds the command to prepare it."""
+    """A dataset (or split) is not in data_dir; the message holds the command to prepare it."""

@@ -29,17 +29,32 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from clip_jax.data import images as images_lib
 from clip_jax.data.errors import DataError
-from clip_jax.data.prepare import (ensure_prepared, not_prepared_error, prepared_dir,
-                                   resolve_data_dir)
+from clip_jax.data.prepare import (
+    ensure_prepared,
+    not_prepared_error,
+    prepared_dir,
+    resolve_data_dir,
+)
 
-__all__ = ["train_loader", "eval_loader", "to_global", "read_captions", "dataset_info",
-           "ensure_prepared", "TrainLoader", "EvalLoader", "BATCH_AXES", "STATE_VERSION"]
+__all__ = [
+    "train_loader",
+    "eval_loader",
+    "to_global",
+    "read_captions",
+    "dataset_info",
+    "ensure_prepared",
+    "TrainLoader",
+    "EvalLoader",
+    "BATCH_AXES",
+    "STATE_VERSION",
+]
 
 BATCH_AXES = ("data", "fsdp")  # the same axes as clip_jax.sharding.BATCH_AXES
 STATE_VERSION = 1
@@ -51,420 +66,545 @@ _STATE_KEYS = ("seed", "num_records", "global_batch_size", "num_epochs")
 # Source
 # ---------------------------------------------------------------------------------------
 
+
 def _open_tfds(name: str, split: str, data_dir: str | None):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if prepared_dir(name, data_dir) is None:
-    raise not_prepared_error(name, data_dir)
-  ensure_prepared(name, data_dir, splits=split)  # raises naming the available splits
-  return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir),
-                          download=False)
+    import tensorflow_datasets as tfds
+
+    if prepared_dir(name, data_dir) is None:
+        raise not_prepared_error(name, data_dir)
+    ensure_prepared(name, data_dir, splits=split)  # raises naming the available splits
+    return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
 
 
 class _Source:
-  """A tfds ArrayRecord data source opened lazily, pickled as (name, split, data_dir) so
-  grain worker processes open their own file handles."""
+    """A tfds ArrayRecord data source opened lazily, pickled as (name, split, data_dir) so
+    grain worker processes open their own file handles."""
 
-  def __init__(self, name: str, split: str, data_dir: str | None):
-    self.name, self.split, self.data_dir = name, split, resolve_data_dir(data_dir)
-    self._ds = _open_tfds(name, split, self.data_dir)
-    self._len = len(self._ds)
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        self.name, self.split, self.data_dir = name, split, resolve_data_dir(data_dir)
+        self._ds = _open_tfds(name, split, self.data_dir)
+        self._len = len(self._ds)
 
-  def __len__(self) -> int:
-    return self._len
+    def __len__(self) -> int:
+        return self._len
 
-  def __getstate__(self):
-    return {"name": self.name, "split": self.split, "data_dir": self.data_dir,
-            "_len": self._len}
+    def __getstate__(self):
+        return {
+            "name": self.name,
+            "split": self.split,
+            "data_dir": self.data_dir,
+            "_len": self._len,
+        }
 
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._ds = None
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._ds = None
 
-  def get(self, indices: Sequence[int]) -> list[dict]:
-    if self._ds is None:
-      self._ds = _open_tfds(self.name, self.split, self.data_dir)
-    return list(self._ds.__getitems__([int(i) for i in indices]))
+    def get(self, indices: Sequence[int]) -> list[dict]:
+        if self._ds is None:
+            self._ds = _open_tfds(self.name, self.split, self.data_dir)
+        return list(self._ds.__getitems__([int(i) for i in indices]))
 
 
 def _captions(record: dict) -> list[str]:
-  cap = record["caption"]
-  if isinstance(cap, (bytes, str)):
-    cap = [cap]
-  return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in cap]
+    cap = record["caption"]
+    if isinstance(cap, (bytes, str)):
+        cap = [cap]
+    return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in cap]
 
 
 def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
-  if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-  if shard_count < 1 or not 0 <= shard_index < shard_count:
-    raise DataError(f"shard_index must be in [0, shard_count); got {shard_index}/{shard_count}")
-  return int(shard_index), int(shard_count)
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise DataError(f"shard_index must be in [0, shard_count); got {shard_index}/{shard_count}")
+    return int(shard_index), int(shard_count)
 
 
 def _as_tokenizer(tokenizer):
-  if tokenizer is None or hasattr(tokenizer, "encode"):
-    return tokenizer
-  from clip_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  return Tokenizer(os.fspath(tokenizer))
+    if tokenizer is None or hasattr(tokenizer, "encode"):
+        return tokenizer
+    from clip_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer(os.fspath(tokenizer))
 
 
 # ---------------------------------------------------------------------------------------
 # Batch makers (picklable; run in the main process, a thread or a worker process)
 # ---------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _TrainBatch:
-  source: _Source
-  order: Any  # grain MapDataset: global position -> record index
-  seed: int
-  host_batch: int
-  shard_index: int
-  shard_count: int
-  image_size: int
-  crop_scale: tuple[float, float]
-  tokenizer: Any
+    source: _Source
+    order: Any  # grain MapDataset: global position -> record index
+    seed: int
+    host_batch: int
+    shard_index: int
+    shard_count: int
+    image_size: int
+    crop_scale: tuple[float, float]
+    tokenizer: Any
 
-  def positions(self, k: int) -> list[int]:
-    b, s = self.host_batch, self.shard_count
-    return [(k * b + j) * s + self.shard_index for j in range(b)]
+    def positions(self, k: int) -> list[int]:
+        b, s = self.host_batch, self.shard_count
+        return [(k * b + j) * s + self.shard_index for j in range(b)]
 
-  def __call__(self, k: int) -> dict:
-    size = self.image_size
-    positions = self.positions(k)
-    records = self.source.get([self.order[p] for p in positions])
-    n = len(self.source)
-    draft = images_lib.draft_size(size, self.crop_scale)
-    out = np.empty((len(positions), size, size, 3), np.uint8)
-    texts, replaced = [], 0
-    for j, (p, rec) in enumerate(zip(positions, records)):
-      rng = np.random.default_rng([self.seed, p])
-      for _ in range(MAX_REPLACEMENTS):
-        try:
-          img = images_lib.decode_rgb(rec["image"], min_size=draft)
-          break
-        except images_lib.BadImage:
-          replaced += 1
-          rec = self.source.get([int(rng.integers(n))])[0]
-      else:
-        raise DataError(f"{MAX_REPLACEMENTS} corrupt images in a row in "
-                        f"{self.source.name}/{self.source.split}; is the dataset broken?")
-      out[j] = images_lib.random_square_crop(img, size, rng, self.crop_scale)
-      caps = _captions(rec)
-      texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
-    return {"image": out, "text": self.tokenizer.encode(texts),
-            "_replaced": np.int64(replaced)}
+    def __call__(self, k: int) -> dict:
+        size = self.image_size
+        positions = self.positions(k)
+        records = self.source.get([self.order[p] for p in positions])
+        n = len(self.source)
+        draft = images_lib.draft_size(size, self.crop_scale)
+        out = np.empty((len(positions), size, size, 3), np.uint8)
+        texts, replaced = [], 0
+        for j, (p, rec) in enumerate(zip(positions, records)):
+            rng = np.random.default_rng([self.seed, p])
+            for _ in range(MAX_REPLACEMENTS):
+                try:
+                    img = images_lib.decode_rgb(rec["image"], min_size=draft)
+                    break
+                except images_lib.BadImage:
+                    replaced += 1
+                    rec = self.source.get([int(rng.integers(n))])[0]
+            else:
+                raise DataError(
+                    f"{MAX_REPLACEMENTS} corrupt images in a row in "
+                    f"{self.source.name}/{self.source.split}; is the dataset broken?"
+                )
+            out[j] = images_lib.random_square_crop(img, size, rng, self.crop_scale)
+            caps = _captions(rec)
+            texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
+        return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
 
 
 @dataclasses.dataclass
 class _EvalBatch:
-  source: _Source
-  host_batch: int
-  shard_index: int
-  shard_count: int
-  image_size: int
-  tokenizer: Any
-  has_label: bool
+    source: _Source
+    host_batch: int
+    shard_index: int
+    shard_count: int
+    image_size: int
+    tokenizer: Any
+    has_label: bool
 
-  def __call__(self, k: int) -> dict:
-    b, s, size, n = self.host_batch, self.shard_count, self.image_size, len(self.source)
-    positions = [(k * b + j) * s + self.shard_index for j in range(b)]
-    valid = [p for p in positions if p < n]
-    records = dict(zip(valid, self.source.get(valid))) if valid else {}
-    out = np.zeros((b, size, size, 3), np.uint8)
-    mask = np.zeros((b,), bool)
-    index = np.full((b,), -1, np.int32)
-    label = np.full((b,), -1, np.int32)
-    texts, corrupt = [], 0
-    for j, p in enumerate(positions):
-      rec = records.get(p)
-      texts.append(_captions(rec)[0] if rec is not None else "")
-      if rec is None:
-        continue
-      index[j] = p
-      if self.has_label:
-        label[j] = int(rec["label"])
-      try:
-        img = images_lib.decode_rgb(rec["image"], min_size=size)
-      except images_lib.BadImage:
-        corrupt += 1
-        continue
-      out[j] = images_lib.center_crop(img, size)
-      mask[j] = True
-    batch = {"image": out, "mask": mask, "index": index, "_corrupt": np.int64(corrupt)}
-    if self.has_label:
-      batch["label"] = label
-    if self.tokenizer is not None:
-      batch["text"] = self.tokenizer.encode(texts)
-    return batch
+    def __call__(self, k: int) -> dict:
+        b, s, size, n = self.host_batch, self.shard_count, self.image_size, len(self.source)
+        positions = [(k * b + j) * s + self.shard_index for j in range(b)]
+        valid = [p for p in positions if p < n]
+        records = dict(zip(valid, self.source.get(valid))) if valid else {}
+        out = np.zeros((b, size, size, 3), np.uint8)
+        mask = np.zeros((b,), bool)
+        index = np.full((b,), -1, np.int32)
+        label = np.full((b,), -1, np.int32)
+        texts, corrupt = [], 0
+        for j, p in enumerate(positions):
+            rec = records.get(p)
+            texts.append(_captions(rec)[0] if rec is not None else "")
+            if rec is None:
+                continue
+            index[j] = p
+            if self.has_label:
+                label[j] = int(rec["label"])
+            try:
+                img = images_lib.decode_rgb(rec["image"], min_size=size)
+            except images_lib.BadImage:
+                corrupt += 1
+                continue
+            out[j] = images_lib.center_crop(img, size)
+            mask[j] = True
+        batch = {"image": out, "mask": mask, "index": index, "_corrupt": np.int64(corrupt)}
+        if self.has_label:
+            batch["label"] = label
+        if self.tokenizer is not None:
+            batch["text"] = self.tokenizer.encode(texts)
+        return batch
 
 
 def _allow_unparsed_grain_flag() -> None:
-  """grain 0.2.18 reads an absl flag in mp_prefetch that raises UnparsedFlagAccessError
-  when the program did not parse absl flags (pytest, plain scripts; google/grain#1355,
-  fixed upstream by #1362). Mark just that flag as given so its default is used."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  name = "grain_enable_multiprocess_worker_profiling"
-  if not flags.FLAGS.is_parsed() and name in flags.FLAGS:
-    flags.FLAGS[name].present = True
+    """grain 0.2.18 reads an absl flag in mp_prefetch that raises UnparsedFlagAccessError
+    when the program did not parse absl flags (pytest, plain scripts; google/grain#1355,
+    fixed upstream by #1362). Mark just that flag as given so its default is used."""
+    from absl import flags
+
+    name = "grain_enable_multiprocess_worker_profiling"
+    if not flags.FLAGS.is_parsed() and name in flags.FLAGS:
+        flags.FLAGS[name].present = True
 
 
-def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int,
-                prefetch: int):
-  import grain  # pylint: disable=g-import-not-at-top
-  if num_workers > 0:
-    _allow_unparsed_grain_flag()
-  ds = grain.MapDataset.range(start, stop).map(batch_fn)
-  threads = max(0, int(num_threads)) if prefetch > 0 or num_workers > 0 else 0
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=max(prefetch, threads)))
-  if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
-  return iter(ds)
+def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
+    import grain
+
+    if num_workers > 0:
+        _allow_unparsed_grain_flag()
+    ds = grain.MapDataset.range(start, stop).map(batch_fn)
+    threads = max(0, int(num_threads)) if prefetch > 0 or num_workers > 0 else 0
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
+    )
+    if num_workers > 0:
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
+            )
+        )
+    return iter(ds)
 
 
 # ---------------------------------------------------------------------------------------
 # Training loader
 # ---------------------------------------------------------------------------------------
 
+
 class TrainLoader:
-  """Iterator of host batches {'image': uint8 [b, H, W, 3], 'text': int32 [b, L]}.
+    """Iterator of host batches {'image': uint8 [b, H, W, 3], 'text': int32 [b, L]}.
 
-  Attributes: host_batch_size, batches_per_epoch (global batches in one pass over the
-  split), num_batches (None when endless), num_replaced (corrupt images substituted so
-  far, including before a restore), next_batch.
-  """
+    Attributes: host_batch_size, batches_per_epoch (global batches in one pass over the
+    split), num_batches (None when endless), num_replaced (corrupt images substituted so
+    far, including before a restore), next_batch.
+    """
 
-  def __init__(self, source: _Source, *, global_batch_size: int, image_size: int,
-               tokenizer, seed: int, crop_scale, num_epochs, num_workers: int,
-               num_threads: int, prefetch: int, shard_index: int, shard_count: int):
-    import grain  # pylint: disable=g-import-not-at-top
-    n = len(source)
-    if global_batch_size % shard_count:
-      raise DataError(f"global_batch_size {global_batch_size} is not divisible by "
-                      f"shard_count {shard_count}")
-    if n == 0:
-      raise DataError(f"split {source.name}/{source.split} is empty")
-    if not 0 <= seed < 2**32:
-      raise DataError(f"seed must be in [0, 2**32), got {seed}")
-    lo, hi = crop_scale
-    if not 0 < lo <= hi <= 1:
-      raise DataError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
-    if num_epochs is not None and num_epochs < 1:
-      raise DataError(f"num_epochs must be >= 1 or None (endless), got {num_epochs}")
-    if n < global_batch_size and num_epochs is not None and n * num_epochs < global_batch_size:
-      raise DataError(f"split {source.name}/{source.split} has {n} examples: fewer than one "
-                      f"global batch of {global_batch_size} in {num_epochs} epoch(s)")
-    self.source = source
-    self.global_batch_size = int(global_batch_size)
-    self.host_batch_size = self.global_batch_size // shard_count
-    self.seed, self.num_epochs = int(seed), num_epochs
-    self.num_records = n
-    self.batches_per_epoch = n // self.global_batch_size
-    self.num_batches = (None if num_epochs is None
-                        else (n * num_epochs) // self.global_batch_size)
-    self._stop = self.num_batches if num_epochs is not None else sys.maxsize // (
-        self.global_batch_size + 1)
-    order = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(num_epochs)
-    self._fn = _TrainBatch(source, order, self.seed, self.host_batch_size, shard_index,
-                           shard_count, int(image_size), (float(lo), float(hi)),
-                           _as_tokenizer(tokenizer))
-    self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
-    self.shard_index, self.shard_count = shard_index, shard_count
-    self.next_batch = 0
-    self.num_replaced = 0
-    self._it = None
+    def __init__(
+        self,
+        source: _Source,
+        *,
+        global_batch_size: int,
+        image_size: int,
+        tokenizer,
+        seed: int,
+        crop_scale,
+        num_epochs,
+        num_workers: int,
+        num_threads: int,
+        prefetch: int,
+        shard_index: int,
+        shard_count: int,
+    ):
+        import grain
 
-  def __iter__(self) -> "TrainLoader":
-    return self
+        n = len(source)
+        if global_batch_size % shard_count:
+            raise DataError(
+                f"global_batch_size {global_batch_size} is not divisible by "
+                f"shard_count {shard_count}"
+            )
+        if n == 0:
+            raise DataError(f"split {source.name}/{source.split} is empty")
+        if not 0 <= seed < 2**32:
+            raise DataError(f"seed must be in [0, 2**32), got {seed}")
+        lo, hi = crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise DataError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
+        if num_epochs is not None and num_epochs < 1:
+            raise DataError(f"num_epochs must be >= 1 or None (endless), got {num_epochs}")
+        if n < global_batch_size and num_epochs is not None and n * num_epochs < global_batch_size:
+            raise DataError(
+                f"split {source.name}/{source.split} has {n} examples: fewer than one "
+                f"global batch of {global_batch_size} in {num_epochs} epoch(s)"
+            )
+        self.source = source
+        self.global_batch_size = int(global_batch_size)
+        self.host_batch_size = self.global_batch_size // shard_count
+        self.seed, self.num_epochs = int(seed), num_epochs
+        self.num_records = n
+        self.batches_per_epoch = n // self.global_batch_size
+        self.num_batches = (
+            None if num_epochs is None else (n * num_epochs) // self.global_batch_size
+        )
+        self._stop = (
+            self.num_batches
+            if num_epochs is not None
+            else sys.maxsize // (self.global_batch_size + 1)
+        )
+        order = grain.MapDataset.range(n).shuffle(seed=self.seed).repeat(num_epochs)
+        self._fn = _TrainBatch(
+            source,
+            order,
+            self.seed,
+            self.host_batch_size,
+            shard_index,
+            shard_count,
+            int(image_size),
+            (float(lo), float(hi)),
+            _as_tokenizer(tokenizer),
+        )
+        self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.next_batch = 0
+        self.num_replaced = 0
+        self._it = None
 
-  def __len__(self) -> int:
-    if self.num_batches is None:
-      raise TypeError("endless loader (num_epochs=None) has no length")
-    return self.num_batches
+    def __iter__(self) -> TrainLoader:
+        return self
 
-  def __next__(self) -> dict:
-    if self.next_batch >= self._stop:
-      raise StopIteration
-    if self._it is None:
-      self._it = _grain_iter(self._fn, self.next_batch, self._stop, self._workers,
-                             self._threads, self._prefetch)
-    batch = next(self._it)
-    self.next_batch += 1
-    self.num_replaced += int(batch.pop("_replaced"))
-    return batch
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("endless loader (num_epochs=None) has no length")
+        return self.num_batches
 
-  def record_indices(self, k: int) -> list[int]:
-    """Record indices of this host's batch k (before any corrupt-image replacement)."""
-    return [int(self._fn.order[p]) for p in self._fn.positions(k)]
+    def __next__(self) -> dict:
+        if self.next_batch >= self._stop:
+            raise StopIteration
+        if self._it is None:
+            self._it = _grain_iter(
+                self._fn, self.next_batch, self._stop, self._workers, self._threads, self._prefetch
+            )
+        batch = next(self._it)
+        self.next_batch += 1
+        self.num_replaced += int(batch.pop("_replaced"))
+        return batch
 
-  def get_state(self) -> dict:
-    """JSON-able; the same for every host (shard_index is not part of it)."""
-    return {"version": STATE_VERSION, "next_batch": self.next_batch,
-            "num_replaced": self.num_replaced, "seed": self.seed,
-            "num_records": self.num_records, "global_batch_size": self.global_batch_size,
-            "num_epochs": self.num_epochs}
+    def record_indices(self, k: int) -> list[int]:
+        """Record indices of this host's batch k (before any corrupt-image replacement)."""
+        return [int(self._fn.order[p]) for p in self._fn.positions(k)]
 
-  def set_state(self, state: dict | bytes | str) -> None:
-    if isinstance(state, (bytes, str)):
-      state = json.loads(state)
-    if state.get("version") != STATE_VERSION:
-      raise ValueError(f"unknown loader state version {state.get('version')!r} "
-                       f"(expected {STATE_VERSION})")
-    mine = self.get_state()
-    for key in _STATE_KEYS:
-      if state.get(key) != mine[key]:
-        raise ValueError(f"loader state does not match this loader: {key} is "
-                         f"{state.get(key)!r} in the state but {mine[key]!r} here")
-    self.close()
-    self.next_batch = int(state["next_batch"])
-    self.num_replaced = int(state.get("num_replaced", 0))
+    def get_state(self) -> dict:
+        """JSON-able; the same for every host (shard_index is not part of it)."""
+        return {
+            "version": STATE_VERSION,
+            "next_batch": self.next_batch,
+            "num_replaced": self.num_replaced,
+            "seed": self.seed,
+            "num_records": self.num_records,
+            "global_batch_size": self.global_batch_size,
+            "num_epochs": self.num_epochs,
+        }
 
-  def close(self) -> None:
-    it, self._it = self._it, None
-    if it is not None and hasattr(it, "close"):
-      it.close()
+    def set_state(self, state: dict | bytes | str) -> None:
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"unknown loader state version {state.get('version')!r} (expected {STATE_VERSION})"
+            )
+        mine = self.get_state()
+        for key in _STATE_KEYS:
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"loader state does not match this loader: {key} is "
+                    f"{state.get(key)!r} in the state but {mine[key]!r} here"
+                )
+        self.close()
+        self.next_batch = int(state["next_batch"])
+        self.num_replaced = int(state.get("num_replaced", 0))
 
-  def __del__(self):
-    try:
-      self.close()
-    except Exception:  # pylint: disable=broad-except
-      pass
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
-def train_loader(name: str, split: str, data_dir: str | None, *, global_batch_size: int,
-                 image_size: int, tokenizer, seed: int, crop_scale=(0.9, 1.0),
-                 num_epochs: int | None = None, num_workers: int = 0, prefetch: int = 2,
-                 num_threads: int = 1, shard_index: int | None = None,
-                 shard_count: int | None = None) -> TrainLoader:
-  """Training batches for this host (see the module docstring for the sampling rules).
+def train_loader(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    tokenizer,
+    seed: int,
+    crop_scale=(0.9, 1.0),
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+    prefetch: int = 2,
+    num_threads: int = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> TrainLoader:
+    """Training batches for this host (see the module docstring for the sampling rules).
 
-  tokenizer: a `Tokenizer` or a path to a .model file. num_workers: grain worker
-  processes (0: decode in this process, in `num_threads` background threads when
-  prefetch > 0). shard_index/shard_count default to jax.process_index()/process_count().
-  Raises DatasetNotPreparedError (with the command to run) if the split is missing.
-  """
-  if tokenizer is None:
-    raise DataError("train_loader needs a tokenizer (a Tokenizer or a .model path)")
-  shard_index, shard_count = _resolve_shards(shard_index, shard_count)
-  source = _Source(name, split, data_dir)
-  return TrainLoader(source, global_batch_size=global_batch_size, image_size=image_size,
-                     tokenizer=tokenizer, seed=seed, crop_scale=tuple(crop_scale),
-                     num_epochs=num_epochs, num_workers=num_workers, num_threads=num_threads,
-                     prefetch=prefetch, shard_index=shard_index, shard_count=shard_count)
+    tokenizer: a `Tokenizer` or a path to a .model file. num_workers: grain worker
+    processes (0: decode in this process, in `num_threads` background threads when
+    prefetch > 0). shard_index/shard_count default to jax.process_index()/process_count().
+    Raises DatasetNotPreparedError (with the command to run) if the split is missing.
+    """
+    if tokenizer is None:
+        raise DataError("train_loader needs a tokenizer (a Tokenizer or a .model path)")
+    shard_index, shard_count = _resolve_shards(shard_index, shard_count)
+    source = _Source(name, split, data_dir)
+    return TrainLoader(
+        source,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        seed=seed,
+        crop_scale=tuple(crop_scale),
+        num_epochs=num_epochs,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        prefetch=prefetch,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Evaluation loader
 # ---------------------------------------------------------------------------------------
 
+
 class EvalLoader:
-  """Re-iterable; every pass yields `len(self)` batches on every host:
-  {'image': uint8 [b,H,W,3], 'mask': bool [b], 'index': int64 [b] (-1 for padding),
-   'label': int32 [b] (-1 for padding; datasets with labels), 'text': int32 [b, L]
-   (first caption; with a tokenizer)}. Host h holds examples (k*b + j)*S + h."""
+    """Re-iterable; every pass yields `len(self)` batches on every host:
+    {'image': uint8 [b,H,W,3], 'mask': bool [b], 'index': int64 [b] (-1 for padding),
+     'label': int32 [b] (-1 for padding; datasets with labels), 'text': int32 [b, L]
+     (first caption; with a tokenizer)}. Host h holds examples (k*b + j)*S + h."""
 
-  def __init__(self, source: _Source, *, batch_size: int, image_size: int, tokenizer,
-               num_workers: int, num_threads: int, prefetch: int, shard_index: int,
-               shard_count: int, has_label: bool):
-    if batch_size % shard_count:
-      raise DataError(f"eval batch_size {batch_size} is not divisible by shard_count "
-                      f"{shard_count}")
-    self.source = source
-    self.num_examples = len(source)
-    self.batch_size = int(batch_size)
-    self.host_batch_size = self.batch_size // shard_count
-    self.num_batches = math.ceil(self.num_examples / self.batch_size)
-    self._fn = _EvalBatch(source, self.host_batch_size, shard_index, shard_count,
-                          int(image_size), _as_tokenizer(tokenizer), has_label)
-    self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
-    self.num_corrupt = 0
+    def __init__(
+        self,
+        source: _Source,
+        *,
+        batch_size: int,
+        image_size: int,
+        tokenizer,
+        num_workers: int,
+        num_threads: int,
+        prefetch: int,
+        shard_index: int,
+        shard_count: int,
+        has_label: bool,
+    ):
+        if batch_size % shard_count:
+            raise DataError(
+                f"eval batch_size {batch_size} is not divisible by shard_count {shard_count}"
+            )
+        self.source = source
+        self.num_examples = len(source)
+        self.batch_size = int(batch_size)
+        self.host_batch_size = self.batch_size // shard_count
+        self.num_batches = math.ceil(self.num_examples / self.batch_size)
+        self._fn = _EvalBatch(
+            source,
+            self.host_batch_size,
+            shard_index,
+            shard_count,
+            int(image_size),
+            _as_tokenizer(tokenizer),
+            has_label,
+        )
+        self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
+        self.num_corrupt = 0
 
-  def __len__(self) -> int:
-    return self.num_batches
+    def __len__(self) -> int:
+        return self.num_batches
 
-  def __iter__(self) -> Iterator[dict]:
-    it = _grain_iter(self._fn, 0, self.num_batches, self._workers, self._threads,
-                     self._prefetch)
-    corrupt = 0
-    try:
-      for batch in it:
-        corrupt += int(batch.pop("_corrupt"))
-        yield batch
-    finally:
-      self.num_corrupt = corrupt
-      if hasattr(it, "close"):
-        it.close()
+    def __iter__(self) -> Iterator[dict]:
+        it = _grain_iter(
+            self._fn, 0, self.num_batches, self._workers, self._threads, self._prefetch
+        )
+        corrupt = 0
+        try:
+            for batch in it:
+                corrupt += int(batch.pop("_corrupt"))
+                yield batch
+        finally:
+            self.num_corrupt = corrupt
+            if hasattr(it, "close"):
+                it.close()
 
 
-def eval_loader(name: str, split: str, data_dir: str | None, *, batch_size: int,
-                image_size: int, tokenizer=None, num_workers: int = 0, prefetch: int = 2,
-                num_threads: int = 1, shard_index: int | None = None,
-                shard_count: int | None = None) -> EvalLoader:
-  """Ordered evaluation batches holding every example once (batch_size is global; the
-  last batches are padded with mask False so every host runs the same number)."""
-  shard_index, shard_count = _resolve_shards(shard_index, shard_count)
-  source = _Source(name, split, data_dir)
-  has_label = "label" in dataset_info(name, data_dir)["features"]
-  return EvalLoader(source, batch_size=batch_size, image_size=image_size,
-                    tokenizer=tokenizer, num_workers=num_workers, num_threads=num_threads,
-                    prefetch=prefetch, shard_index=shard_index, shard_count=shard_count,
-                    has_label=has_label)
+def eval_loader(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    batch_size: int,
+    image_size: int,
+    tokenizer=None,
+    num_workers: int = 0,
+    prefetch: int = 2,
+    num_threads: int = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> EvalLoader:
+    """Ordered evaluation batches holding every example once (batch_size is global; the
+    last batches are padded with mask False so every host runs the same number)."""
+    shard_index, shard_count = _resolve_shards(shard_index, shard_count)
+    source = _Source(name, split, data_dir)
+    has_label = "label" in dataset_info(name, data_dir)["features"]
+    return EvalLoader(
+        source,
+        batch_size=batch_size,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        prefetch=prefetch,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        has_label=has_label,
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Metadata helpers and device hand-off
 # ---------------------------------------------------------------------------------------
 
-def read_captions(name: str, split: str, data_dir: str | None = None,
-                  chunk: int = 1024) -> list[list[str]]:
-  """Every example's captions, in index order (the eval loader's 'index'): a list of
-  lists, so retrieval with several captions per image works."""
-  src = _Source(name, split, data_dir)
-  out = []
-  for start in range(0, len(src), chunk):
-    out.extend(_captions(r) for r in src.get(range(start, min(len(src), start + chunk))))
-  return out
+
+def read_captions(
+    name: str, split: str, data_dir: str | None = None, chunk: int = 1024
+) -> list[list[str]]:
+    """Every example's captions, in index order (the eval loader's 'index'): a list of
+    lists, so retrieval with several captions per image works."""
+    src = _Source(name, split, data_dir)
+    out = []
+    for start in range(0, len(src), chunk):
+        out.extend(_captions(r) for r in src.get(range(start, min(len(src), start + chunk))))
+    return out
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> dict:
-  """{'name', 'path', 'num_examples': {split: n}, 'class_names' (label names or None),
-  'label_names': {feature: names} for every class-label feature, 'features': [...],
-  'metadata': {...}} read from the prepared files (no TensorFlow)."""
-  path = prepared_dir(name, data_dir)
-  if path is None:
-    raise not_prepared_error(name, data_dir)
-  with open(os.path.join(path, "dataset_info.json")) as f:
-    info = json.load(f)
-  num = {s["name"]: sum(int(x) for x in s.get("shardLengths", [])) for s in info["splits"]}
-  with open(os.path.join(path, "features.json")) as f:
-    feats = json.load(f)
-  feature_names = list(feats["featuresDict"]["features"].keys())
-  label_names = {}
-  for fname, spec in feats["featuresDict"]["features"].items():
-    if "classLabel" in spec:
-      txt = os.path.join(path, f"{fname}.labels.txt")
-      if os.path.isfile(txt):
-        with open(txt) as f:
-          label_names[fname] = [line.rstrip("\n") for line in f if line.strip()]
-  metadata = {}
-  meta_path = os.path.join(path, "metadata.json")
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      metadata = json.load(f)
-  return {"name": name, "path": path, "num_examples": num,
-          "class_names": label_names.get("label"), "label_names": label_names,
-          "features": feature_names, "metadata": metadata}
+    """{'name', 'path', 'num_examples': {split: n}, 'class_names' (label names or None),
+    'label_names': {feature: names} for every class-label feature, 'features': [...],
+    'metadata': {...}} read from the prepared files (no TensorFlow)."""
+    path = prepared_dir(name, data_dir)
+    if path is None:
+        raise not_prepared_error(name, data_dir)
+    with open(os.path.join(path, "dataset_info.json")) as f:
+        info = json.load(f)
+    num = {s["name"]: sum(int(x) for x in s.get("shardLengths", [])) for s in info["splits"]}
+    with open(os.path.join(path, "features.json")) as f:
+        feats = json.load(f)
+    feature_names = list(feats["featuresDict"]["features"].keys())
+    label_names = {}
+    for fname, spec in feats["featuresDict"]["features"].items():
+        if "classLabel" in spec:
+            txt = os.path.join(path, f"{fname}.labels.txt")
+            if os.path.isfile(txt):
+                with open(txt) as f:
+                    label_names[fname] = [line.rstrip("\n") for line in f if line.strip()]
+    metadata = {}
+    meta_path = os.path.join(path, "metadata.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            metadata = json.load(f)
+    return {
+        "name": name,
+        "path": path,
+        "num_examples": num,
+        "class_names": label_names.get("label"),
+        "label_names": label_names,
+        "features": feature_names,
+        "metadata": metadata,
+    }
 
 
 def to_global(batch: dict, mesh) -> dict:
-  """Host batch -> dict of global jax.Arrays, dim 0 sharded over the mesh's batch axes
-  (NamedSharding(mesh, P(('data', 'fsdp'))), as clip_jax.sharding.batch_sharding)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  sharding = NamedSharding(mesh, PartitionSpec(axes))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+    """Host batch -> dict of global jax.Arrays, dim 0 sharded over the mesh's batch axes
+    (NamedSharding(mesh, P(('data', 'fsdp'))), as clip_jax.sharding.batch_sharding)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
 
@@ -28,256 +28,344 @@ SUMMARY_FILE = "import_summary.json"
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
-  """data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (as tfds does)."""
-  if data_dir:
-    return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
-  env = os.environ.get("TFDS_DATA_DIR")
-  return os.path.abspath(os.path.expanduser(env or "~/tensorflow_datasets"))
+    """data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (as tfds does)."""
+    if data_dir:
+        return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    env = os.environ.get("TFDS_DATA_DIR")
+    return os.path.abspath(os.path.expanduser(env or "~/tensorflow_datasets"))
 
 
 def prepared_dir(name: str, data_dir: str | None) -> str | None:
-  """The newest prepared version folder of `name`, or None."""
-  root = os.path.join(resolve_data_dir(data_dir), name)
-  if not os.path.isdir(root):
-    return None
-  versions = []
-  for v in os.listdir(root):
-    parts = v.split(".")
-    if len(parts) == 3 and all(p.isdigit() for p in parts) and \
-        os.path.isfile(os.path.join(root, v, "dataset_info.json")):
-      versions.append(tuple(int(p) for p in parts))
-  if not versions:
-    return None
-  return os.path.join(root, ".".join(map(str, max(versions))))
+    """The newest prepared version folder of `name`, or None."""
+    root = os.path.join(resolve_data_dir(data_dir), name)
+    if not os.path.isdir(root):
+        return None
+    versions = []
+    for v in os.listdir(root):
+        parts = v.split(".")
+        if (
+            len(parts) == 3
+            and all(p.isdigit() for p in parts)
+            and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
+        ):
+            versions.append(tuple(int(p) for p in parts))
+    if not versions:
+        return None
+    return os.path.join(root, ".".join(map(str, max(versions))))
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:
-  d = resolve_data_dir(data_dir)
-  if name == DEMO_NAME:
-    return f"python -m clip_jax.data.prepare --name={DEMO_NAME} --data_dir={d}"
-  return (f"python -m clip_jax.data.prepare --source=<your tars/jsonl/csv> --name={name} "
-          f"--data_dir={d}")
+    d = resolve_data_dir(data_dir)
+    if name == DEMO_NAME:
+        return f"python -m clip_jax.data.prepare --name={DEMO_NAME} --data_dir={d}"
+    return (
+        f"python -m clip_jax.data.prepare --source=<your tars/jsonl/csv> --name={name} "
+        f"--data_dir={d}"
+    )
 
 
-def not_prepared_error(name: str, data_dir: str | None, split: str | None = None,
-                       available=None) -> DatasetNotPreparedError:
-  d = resolve_data_dir(data_dir)
-  if split is not None and available is not None:
+def not_prepared_error(
+    name: str, data_dir: str | None, split: str | None = None, available=None
+) -> DatasetNotPreparedError:
+    d = resolve_data_dir(data_dir)
+    if split is not None and available is not None:
+        return DatasetNotPreparedError(
+            f"split {split!r} of dataset {name!r} is not prepared in {d} (available: "
+            f"{', '.join(sorted(available))}); to prepare the dataset run: "
+            f"{prepare_command(name, data_dir)}"
+        )
     return DatasetNotPreparedError(
-        f"split {split!r} of dataset {name!r} is not prepared in {d} (available: "
-        f"{', '.join(sorted(available))}); to prepare the dataset run: "
-        f"{prepare_command(name, data_dir)}")
-  return DatasetNotPreparedError(
-      f"dataset {name!r} is not prepared in {d}; prepare it with: "
-      f"{prepare_command(name, data_dir)}")
+        f"dataset {name!r} is not prepared in {d}; prepare it with: "
+        f"{prepare_command(name, data_dir)}"
+    )
 
 
-def ensure_prepared(name: str, data_dir: str | None = None,
-                    splits: Sequence[str] | str | None = None, **demo_options) -> str:
-  """Returns the dataset's version folder. clip_demo is built on the spot if missing
-  (`prepare_demo(data_dir, **demo_options)`; the default size takes well under a
-  minute); any other missing dataset, or a missing split among `splits`, raises
-  `DatasetNotPreparedError` with the exact command that prepares it.
+def ensure_prepared(
+    name: str,
+    data_dir: str | None = None,
+    splits: Sequence[str] | str | None = None,
+    **demo_options,
+) -> str:
+    """Returns the dataset's version folder. clip_demo is built on the spot if missing
+    (`prepare_demo(data_dir, **demo_options)`; the default size takes well under a
+    minute); any other missing dataset, or a missing split among `splits`, raises
+    `DatasetNotPreparedError` with the exact command that prepares it.
 
-  Multi-host: call it on one process and wait on a barrier before the others read."""
-  path = prepared_dir(name, data_dir)
-  if path is None:
-    if name != DEMO_NAME:
-      raise not_prepared_error(name, data_dir)
-    prepare_demo(data_dir, **demo_options)
+    Multi-host: call it on one process and wait on a barrier before the others read."""
     path = prepared_dir(name, data_dir)
-  if isinstance(splits, str):
-    splits = [splits]
-  if splits:
-    with open(os.path.join(path, "dataset_info.json")) as f:
-      available = [s["name"] for s in json.load(f).get("splits", [])]
-    for split in splits:
-      if split not in available:
-        raise not_prepared_error(name, data_dir, split, available)
-  return path
+    if path is None:
+        if name != DEMO_NAME:
+            raise not_prepared_error(name, data_dir)
+        prepare_demo(data_dir, **demo_options)
+        path = prepared_dir(name, data_dir)
+    if isinstance(splits, str):
+        splits = [splits]
+    if splits:
+        with open(os.path.join(path, "dataset_info.json")) as f:
+            available = [s["name"] for s in json.load(f).get("splits", [])]
+        for split in splits:
+            if split not in available:
+                raise not_prepared_error(name, data_dir, split, available)
+    return path
 
 
 def _download_config(overwrite: bool):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  return tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False)
+    import tensorflow_datasets as tfds
+
+    mode = (
+        tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
+    return tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False)
 
 
 def _split_summary(builder) -> dict:
-  return {name: {"examples": int(s.num_examples), "bytes": int(s.num_bytes)}
-          for name, s in builder.info.splits.items()}
+    return {
+        name: {"examples": int(s.num_examples), "bytes": int(s.num_bytes)}
+        for name, s in builder.info.splits.items()
+    }
 
 
 def _human(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if n < 1024 or unit == "TiB":
-      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-    n /= 1024
-  return str(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
 
 
 def format_summary(summary: dict) -> str:
-  lines = [f"dataset {summary['name']!r} in {summary['path']}"]
-  for split, s in summary["splits"].items():
-    extra = ""
-    if split in summary.get("image_bytes", {}):
-      extra = f", images {_human(summary['image_bytes'][split])}"
-    lines.append(f"  {split}: {s['examples']} examples written, {_human(s['bytes'])} on disk"
-                 f"{extra}")
-  skipped = summary.get("skipped", {})
-  if "skipped" in summary:
-    lines.append(f"  skipped: {sum(skipped.values())}")
-    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
-      eg = summary.get("skipped_examples", {}).get(reason, [])
-      lines.append(f"    {n} x {reason}" + (f"   e.g. {'; '.join(eg[:3])}" if eg else ""))
-  for note in summary.get("notes", []):
-    lines.append(f"  note: {note}")
-  if summary.get("reencoded"):
-    lines.append(f"  re-encoded (downscaled to --max_size): {summary['reencoded']}")
-  if summary.get("seconds") is not None:
-    lines.append(f"  time: {summary['seconds']:.1f} s")
-  return "\n".join(lines)
+    lines = [f"dataset {summary['name']!r} in {summary['path']}"]
+    for split, s in summary["splits"].items():
+        extra = ""
+        if split in summary.get("image_bytes", {}):
+            extra = f", images {_human(summary['image_bytes'][split])}"
+        lines.append(
+            f"  {split}: {s['examples']} examples written, {_human(s['bytes'])} on disk{extra}"
+        )
+    skipped = summary.get("skipped", {})
+    if "skipped" in summary:
+        lines.append(f"  skipped: {sum(skipped.values())}")
+        for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+            eg = summary.get("skipped_examples", {}).get(reason, [])
+            lines.append(f"    {n} x {reason}" + (f"   e.g. {'; '.join(eg[:3])}" if eg else ""))
+    for note in summary.get("notes", []):
+        lines.append(f"  note: {note}")
+    if summary.get("reencoded"):
+        lines.append(f"  re-encoded (downscaled to --max_size): {summary['reencoded']}")
+    if summary.get("seconds") is not None:
+        lines.append(f"  time: {summary['seconds']:.1f} s")
+    return "\n".join(lines)
 
 
-def prepare_demo(data_dir: str | None = None, *, seed: int = 0, image_size: int = 64,
-                 num_train: int = 20000, num_validation: int = 2000, num_test: int = 2000,
-                 overwrite: bool = False, verbose: bool = True) -> dict:
-  """Builds clip_demo (see builders/clip_demo.py); returns the summary dict."""
-  from clip_jax.data.builders import clip_demo  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  d = resolve_data_dir(data_dir)
-  builder = clip_demo.ClipDemo(data_dir=d, seed=seed, image_size=image_size,
-                               num_train=num_train, num_validation=num_validation,
-                               num_test=num_test)
-  builder.download_and_prepare(download_config=_download_config(overwrite))
-  summary = {"name": DEMO_NAME, "path": prepared_dir(DEMO_NAME, d),
-             "splits": _split_summary(builder), "seconds": time.time() - t0}
-  if verbose:
-    print(format_summary(summary), flush=True)
-  return summary
+def prepare_demo(
+    data_dir: str | None = None,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    num_train: int = 20000,
+    num_validation: int = 2000,
+    num_test: int = 2000,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Builds clip_demo (see builders/clip_demo.py); returns the summary dict."""
+    from clip_jax.data.builders import clip_demo
 
-
-def prepare_image_text(name: str, source, data_dir: str | None = None, *,
-                       val_fraction: float = 0.01, max_size: int | None = None,
-                       image_field: str = "image", caption_field: str = "caption",
-                       key_field: str | None = None, num_threads: int = 4,
-                       overwrite: bool = False, verbose: bool = True) -> dict:
-  """Imports a user's image-text data as tfds dataset `name`; returns the summary dict
-  (also written to <version folder>/import_summary.json).
-
-  Raises DataError (one line) for a missing/empty/unreadable source or a missing field.
-  """
-  from clip_jax.data.builders import image_text, sources  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  if not 0 <= val_fraction < 1:
-    raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
-  if max_size is not None and max_size < 1:
-    raise DataError(f"max_size must be a positive number of pixels, got {max_size}")
-  d = resolve_data_dir(data_dir)
-  files = sources.expand_sources(source)
-  nonempty = [f for f in files if sources.check_source(f, image_field, caption_field)]
-  if not nonempty:
-    shown = files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)"
-    raise DataError(f"source is empty: {shown} ({sources.EXPECTED})")
-  empty = [f for f in files if f not in nonempty]
-  config = image_text.ImportConfig(sources=nonempty, val_fraction=val_fraction,
-                                   max_size=max_size, image_field=image_field,
-                                   caption_field=caption_field, key_field=key_field,
-                                   num_threads=num_threads, progress=verbose)
-  existing = prepared_dir(name, d)
-  if existing and not overwrite:
-    builder = image_text.make_builder(name, d, config)
-    summary = {"name": name, "path": existing, "splits": _split_summary(builder),
-               "note": "already prepared; pass --overwrite to import again"}
-    if verbose:
-      print(format_summary(summary) + "\n  (already prepared; --overwrite to re-import)")
-    return summary
-  if existing:
-    shutil.rmtree(existing)
-  builder = image_text.make_builder(name, d, config)
-  if verbose:
-    print(f"importing {len(nonempty)} source file(s) into {name!r} "
-          f"({len(empty)} empty skipped)", flush=True)
-  try:
+    t0 = time.time()
+    d = resolve_data_dir(data_dir)
+    builder = clip_demo.ClipDemo(
+        data_dir=d,
+        seed=seed,
+        image_size=image_size,
+        num_train=num_train,
+        num_validation=num_validation,
+        num_test=num_test,
+    )
     builder.download_and_prepare(download_config=_download_config(overwrite))
-  except BaseException:
-    root = os.path.join(d, name)
-    if os.path.isdir(root) and not os.listdir(root):
-      os.rmdir(root)  # leave no trace of a failed import
-    raise
-  stats = builder.stats
-  skipped = dict(stats.skipped)
-  if empty:
-    skipped["empty source file"] = len(empty)
-  summary = {
-      "name": name, "path": prepared_dir(name, d), "sources": len(files),
-      "splits": _split_summary(builder),
-      "image_bytes": dict(stats.image_bytes),
-      "skipped": skipped,
-      "skipped_examples": {k: v for k, v in stats.examples.items()},
-      "reencoded": stats.reencoded, "notes": list(stats.notes),
-      "seconds": time.time() - t0,
-  }
-  if empty:
-    summary["skipped_examples"]["empty source file"] = empty[:5]
-  with open(os.path.join(summary["path"], SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
-  if verbose:
-    print(format_summary(summary), flush=True)
-  return summary
+    summary = {
+        "name": DEMO_NAME,
+        "path": prepared_dir(DEMO_NAME, d),
+        "splits": _split_summary(builder),
+        "seconds": time.time() - t0,
+    }
+    if verbose:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def prepare_image_text(
+    name: str,
+    source,
+    data_dir: str | None = None,
+    *,
+    val_fraction: float = 0.01,
+    max_size: int | None = None,
+    image_field: str = "image",
+    caption_field: str = "caption",
+    key_field: str | None = None,
+    num_threads: int = 4,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Imports a user's image-text data as tfds dataset `name`; returns the summary dict
+    (also written to <version folder>/import_summary.json).
+
+    Raises DataError (one line) for a missing/empty/unreadable source or a missing field.
+    """
+    from clip_jax.data.builders import image_text, sources
+
+    t0 = time.time()
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_size is not None and max_size < 1:
+        raise DataError(f"max_size must be a positive number of pixels, got {max_size}")
+    d = resolve_data_dir(data_dir)
+    files = sources.expand_sources(source)
+    nonempty = [f for f in files if sources.check_source(f, image_field, caption_field)]
+    if not nonempty:
+        shown = files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)"
+        raise DataError(f"source is empty: {shown} ({sources.EXPECTED})")
+    empty = [f for f in files if f not in nonempty]
+    config = image_text.ImportConfig(
+        sources=nonempty,
+        val_fraction=val_fraction,
+        max_size=max_size,
+        image_field=image_field,
+        caption_field=caption_field,
+        key_field=key_field,
+        num_threads=num_threads,
+        progress=verbose,
+    )
+    existing = prepared_dir(name, d)
+    if existing and not overwrite:
+        builder = image_text.make_builder(name, d, config)
+        summary = {
+            "name": name,
+            "path": existing,
+            "splits": _split_summary(builder),
+            "note": "already prepared; pass --overwrite to import again",
+        }
+        if verbose:
+            print(format_summary(summary) + "\n  (already prepared; --overwrite to re-import)")
+        return summary
+    if existing:
+        shutil.rmtree(existing)
+    builder = image_text.make_builder(name, d, config)
+    if verbose:
+        print(
+            f"importing {len(nonempty)} source file(s) into {name!r} ({len(empty)} empty skipped)",
+            flush=True,
+        )
+    try:
+        builder.download_and_prepare(download_config=_download_config(overwrite))
+    except BaseException:
+        root = os.path.join(d, name)
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)  # leave no trace of a failed import
+        raise
+    stats = builder.stats
+    skipped = dict(stats.skipped)
+    if empty:
+        skipped["empty source file"] = len(empty)
+    summary = {
+        "name": name,
+        "path": prepared_dir(name, d),
+        "sources": len(files),
+        "splits": _split_summary(builder),
+        "image_bytes": dict(stats.image_bytes),
+        "skipped": skipped,
+        "skipped_examples": {k: v for k, v in stats.examples.items()},
+        "reencoded": stats.reencoded,
+        "notes": list(stats.notes),
+        "seconds": time.time() - t0,
+    }
+    if empty:
+        summary["skipped_examples"]["empty source file"] = empty[:5]
+    with open(os.path.join(summary["path"], SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=1)
+    if verbose:
+        print(format_summary(summary), flush=True)
+    return summary
 
 
 def prepare(name: str, data_dir: str | None = None, source=None, **kwargs) -> dict:
-  """clip_demo when name == 'clip_demo' (no source), else an image-text import."""
-  if name == DEMO_NAME:
-    if source:
-      raise DataError(f"{DEMO_NAME} is generated, it takes no --source")
-    return prepare_demo(data_dir, **kwargs)
-  if not source:
-    raise DataError(f"--source is required to import dataset {name!r} "
-                    "(webdataset tars, a JSONL or a CSV file)")
-  return prepare_image_text(name, source, data_dir, **kwargs)
+    """clip_demo when name == 'clip_demo' (no source), else an image-text import."""
+    if name == DEMO_NAME:
+        if source:
+            raise DataError(f"{DEMO_NAME} is generated, it takes no --source")
+        return prepare_demo(data_dir, **kwargs)
+    if not source:
+        raise DataError(
+            f"--source is required to import dataset {name!r} "
+            "(webdataset tars, a JSONL or a CSV file)"
+        )
+    return prepare_image_text(name, source, data_dir, **kwargs)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m clip_jax.data.prepare",
-                              description=__doc__.split("\n\n")[0])
-  p.add_argument("--name", required=True, help="dataset name (lower_snake_case) or clip_demo")
-  p.add_argument("--source", nargs="+", default=None,
-                 help="tar shards / JSONL / CSV files: paths, brace patterns, globs, folders")
-  p.add_argument("--data_dir", default=None, help="tfds data dir (default $TFDS_DATA_DIR)")
-  p.add_argument("--val_fraction", type=float, default=0.01)
-  p.add_argument("--max_size", type=int, default=None,
-                 help="downscale images whose shorter side exceeds this (re-encodes them)")
-  p.add_argument("--image_field", default="image")
-  p.add_argument("--caption_field", default="caption")
-  p.add_argument("--key_field", default=None)
-  p.add_argument("--num_threads", type=int, default=4, help="image check threads")
-  p.add_argument("--overwrite", action="store_true")
-  demo = p.add_argument_group("clip_demo")
-  demo.add_argument("--seed", type=int, default=0)
-  demo.add_argument("--image_size", type=int, default=64)
-  demo.add_argument("--num_train", type=int, default=20000)
-  demo.add_argument("--num_validation", type=int, default=2000)
-  demo.add_argument("--num_test", type=int, default=2000)
-  args = p.parse_args(argv)
-  try:
-    if args.name == DEMO_NAME:
-      prepare(DEMO_NAME, args.data_dir, args.source, seed=args.seed,
-              image_size=args.image_size, num_train=args.num_train,
-              num_validation=args.num_validation, num_test=args.num_test,
-              overwrite=args.overwrite)
-    else:
-      prepare(args.name, args.data_dir, args.source, val_fraction=args.val_fraction,
-              max_size=args.max_size, image_field=args.image_field,
-              caption_field=args.caption_field, key_field=args.key_field,
-              num_threads=args.num_threads, overwrite=args.overwrite)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+    p = argparse.ArgumentParser(
+        prog="python -m clip_jax.data.prepare", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--name", required=True, help="dataset name (lower_snake_case) or clip_demo")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        default=None,
+        help="tar shards / JSONL / CSV files: paths, brace patterns, globs, folders",
+    )
+    p.add_argument("--data_dir", default=None, help="tfds data dir (default $TFDS_DATA_DIR)")
+    p.add_argument("--val_fraction", type=float, default=0.01)
+    p.add_argument(
+        "--max_size",
+        type=int,
+        default=None,
+        help="downscale images whose shorter side exceeds this (re-encodes them)",
+    )
+    p.add_argument("--image_field", default="image")
+    p.add_argument("--caption_field", default="caption")
+    p.add_argument("--key_field", default=None)
+    p.add_argument("--num_threads", type=int, default=4, help="image check threads")
+    p.add_argument("--overwrite", action="store_true")
+    demo = p.add_argument_group("clip_demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--image_size", type=int, default=64)
+    demo.add_argument("--num_train", type=int, default=20000)
+    demo.add_argument("--num_validation", type=int, default=2000)
+    demo.add_argument("--num_test", type=int, default=2000)
+    args = p.parse_args(argv)
+    try:
+        if args.name == DEMO_NAME:
+            prepare(
+                DEMO_NAME,
+                args.data_dir,
+                args.source,
+                seed=args.seed,
+                image_size=args.image_size,
+                num_train=args.num_train,
+                num_validation=args.num_validation,
+                num_test=args.num_test,
+                overwrite=args.overwrite,
+            )
+        else:
+            prepare(
+                args.name,
+                args.data_dir,
+                args.source,
+                val_fraction=args.val_fraction,
+                max_size=args.max_size,
+                image_field=args.image_field,
+                caption_field=args.caption_field,
+                key_field=args.key_field,
+                num_threads=args.num_threads,
+                overwrite=args.overwrite,
+            )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import unicodedata
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -44,267 +44,334 @@ BOT_PIECE, EOT_PIECE = "<start_of_text>", "<end_of_text>"
 
 
 def clean_text(text: str, clean: str = "clip", lowercase: bool = True) -> str:
-  """CLIP-style caption clean-up.
+    """CLIP-style caption clean-up.
 
-  clean='clip': unescape HTML (twice, as CLIP does), NFKC, collapse whitespace, strip.
-  clean='whitespace': collapse whitespace and strip only. clean='none': unchanged.
-  """
-  if clean not in CLEAN_MODES:
-    raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
-  if clean == "clip":
-    text = html.unescape(html.unescape(text))
-    text = unicodedata.normalize("NFKC", text)
-  if clean in ("clip", "whitespace"):
-    text = _WS.sub(" ", text).strip()
-  if lowercase:
-    text = text.lower()
-  return text
+    clean='clip': unescape HTML (twice, as CLIP does), NFKC, collapse whitespace, strip.
+    clean='whitespace': collapse whitespace and strip only. clean='none': unchanged.
+    """
+    if clean not in CLEAN_MODES:
+        raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
+    if clean == "clip":
+        text = html.unescape(html.unescape(text))
+        text = unicodedata.normalize("NFKC", text)
+    if clean in ("clip", "whitespace"):
+        text = _WS.sub(" ", text).strip()
+    if lowercase:
+        text = text.lower()
+    return text
 
 
 def _sidecar_path(model_path: str) -> str:
-  root, _ = os.path.splitext(model_path)
-  return root + ".json"
+    root, _ = os.path.splitext(model_path)
+    return root + ".json"
 
 
 class Tokenizer:
-  """Encodes batches of captions to int32 ``[B, context_length]``.
+    """Encodes batches of captions to int32 ``[B, context_length]``.
 
-  Args:
-    model_path: a sentencepiece ``.model`` file (trained here or anywhere else).
-    context_length: row length, BOT and EOT included (>= 2).
-    lowercase / clean: text clean-up (see `clean_text`); None = the settings recorded
-      next to the model by `train_tokenizer`, else lowercase=True, clean='clip'.
+    Args:
+      model_path: a sentencepiece ``.model`` file (trained here or anywhere else).
+      context_length: row length, BOT and EOT included (>= 2).
+      lowercase / clean: text clean-up (see `clean_text`); None = the settings recorded
+        next to the model by `train_tokenizer`, else lowercase=True, clean='clip'.
 
-  Special ids: `pad_id` (0; only ever after EOT), `bot_id`, `eot_id`. For a model
-  without BOS/EOS pieces the missing ones are appended after the model's vocabulary
-  (`vocab_size` counts them). Instances pickle by value (the model bytes travel), so they
-  can be sent to loader worker processes.
-  """
+    Special ids: `pad_id` (0; only ever after EOT), `bot_id`, `eot_id`. For a model
+    without BOS/EOS pieces the missing ones are appended after the model's vocabulary
+    (`vocab_size` counts them). Instances pickle by value (the model bytes travel), so they
+    can be sent to loader worker processes.
+    """
 
-  def __init__(self, model_path: str, context_length: int = 77,
-               lowercase: bool | None = None, clean: str | None = None):
-    model_path = os.fspath(model_path)
-    if not os.path.isfile(model_path):
-      raise DataError(f"tokenizer model not found: {model_path} (expected a sentencepiece "
-                      ".model file; train one with `python -m clip_jax.data.tokenizer`)")
-    with open(model_path, "rb") as f:
-      proto = f.read()
-    settings = {}
-    sidecar = _sidecar_path(model_path)
-    if os.path.isfile(sidecar):
-      with open(sidecar) as f:
-        settings = json.load(f)
-    if lowercase is None:
-      lowercase = bool(settings.get("lowercase", True))
-    if clean is None:
-      clean = settings.get("clean", "clip")
-    self._setup(proto, model_path, context_length, lowercase, clean)
+    def __init__(
+        self,
+        model_path: str,
+        context_length: int = 77,
+        lowercase: bool | None = None,
+        clean: str | None = None,
+    ):
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise DataError(
+                f"tokenizer model not found: {model_path} (expected a sentencepiece "
+                ".model file; train one with `python -m clip_jax.data.tokenizer`)"
+            )
+        with open(model_path, "rb") as f:
+            proto = f.read()
+        settings = {}
+        sidecar = _sidecar_path(model_path)
+        if os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                settings = json.load(f)
+        if lowercase is None:
+            lowercase = bool(settings.get("lowercase", True))
+        if clean is None:
+            clean = settings.get("clean", "clip")
+        self._setup(proto, model_path, context_length, lowercase, clean)
 
-  def _setup(self, proto: bytes, model_path: str, context_length: int, lowercase: bool,
-             clean: str):
-    if context_length < 2:
-      raise ValueError(f"context_length must be >= 2 (BOT and EOT), got {context_length}")
-    if clean not in CLEAN_MODES:
-      raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
-    self._proto = proto
-    self.model_path = model_path
-    self.context_length = int(context_length)
-    self.lowercase = bool(lowercase)
-    self.clean = clean
-    sp = spm.SentencePieceProcessor()
-    try:
-      sp.LoadFromSerializedProto(proto)
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError
-      raise DataError(f"cannot load sentencepiece model {model_path}: {e}") from None
-    self._sp = sp
-    n = sp.get_piece_size()
-    extra = 0
-    self.eot_id = sp.eos_id() if sp.eos_id() >= 0 else n + extra
-    extra += sp.eos_id() < 0
-    self.bot_id = sp.bos_id() if sp.bos_id() >= 0 else n + extra
-    extra += sp.bos_id() < 0
-    self.pad_id = 0
-    self.vocab_size = n + extra
-    self._specials = {self.eot_id, self.bot_id, self.pad_id}
-    if sp.pad_id() >= 0:
-      self._specials.add(sp.pad_id())
+    def _setup(
+        self, proto: bytes, model_path: str, context_length: int, lowercase: bool, clean: str
+    ):
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (BOT and EOT), got {context_length}")
+        if clean not in CLEAN_MODES:
+            raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
+        self._proto = proto
+        self.model_path = model_path
+        self.context_length = int(context_length)
+        self.lowercase = bool(lowercase)
+        self.clean = clean
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(proto)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError
+            raise DataError(f"cannot load sentencepiece model {model_path}: {e}") from None
+        self._sp = sp
+        n = sp.get_piece_size()
+        extra = 0
+        self.eot_id = sp.eos_id() if sp.eos_id() >= 0 else n + extra
+        extra += sp.eos_id() < 0
+        self.bot_id = sp.bos_id() if sp.bos_id() >= 0 else n + extra
+        extra += sp.bos_id() < 0
+        self.pad_id = 0
+        self.vocab_size = n + extra
+        self._specials = {self.eot_id, self.bot_id, self.pad_id}
+        if sp.pad_id() >= 0:
+            self._specials.add(sp.pad_id())
 
-  def __reduce__(self):
-    return (_rebuild_tokenizer,
-            (self._proto, self.model_path, self.context_length, self.lowercase, self.clean))
+    def __reduce__(self):
+        return (
+            _rebuild_tokenizer,
+            (self._proto, self.model_path, self.context_length, self.lowercase, self.clean),
+        )
 
-  def __repr__(self):
-    return (f"Tokenizer({self.model_path!r}, context_length={self.context_length}, "
-            f"vocab_size={self.vocab_size}, lowercase={self.lowercase}, clean={self.clean!r})")
+    def __repr__(self):
+        return (
+            f"Tokenizer({self.model_path!r}, context_length={self.context_length}, "
+            f"vocab_size={self.vocab_size}, lowercase={self.lowercase}, clean={self.clean!r})"
+        )
 
-  def normalize(self, text: str) -> str:
-    return clean_text(text, self.clean, self.lowercase)
+    def normalize(self, text: str) -> str:
+        return clean_text(text, self.clean, self.lowercase)
 
-  def encode(self, texts: Sequence[str] | str) -> np.ndarray:
-    """list of B strings -> int32 [B, context_length]; a single string -> [context_length]."""
-    single = isinstance(texts, str)
-    batch = [texts] if single else list(texts)
-    ids = self._sp.encode([self.normalize(t) for t in batch], out_type=int)
-    out = np.full((len(batch), self.context_length), self.pad_id, dtype=np.int32)
-    keep = self.context_length - 2
-    for row, seq in zip(out, ids):
-      seq = seq[:keep]
-      row[0] = self.bot_id
-      row[1:1 + len(seq)] = seq
-      row[1 + len(seq)] = self.eot_id
-    return out[0] if single else out
+    def encode(self, texts: Sequence[str] | str) -> np.ndarray:
+        """list of B strings -> int32 [B, context_length]; a single string -> [context_length]."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        ids = self._sp.encode([self.normalize(t) for t in batch], out_type=int)
+        out = np.full((len(batch), self.context_length), self.pad_id, dtype=np.int32)
+        keep = self.context_length - 2
+        for row, seq in zip(out, ids):
+            seq = seq[:keep]
+            row[0] = self.bot_id
+            row[1 : 1 + len(seq)] = seq
+            row[1 + len(seq)] = self.eot_id
+        return out[0] if single else out
 
-  __call__ = encode
+    __call__ = encode
 
-  def decode(self, tokens) -> list[str] | str:
-    """int [B, L] -> list of B strings ([L] -> one string): the text between BOT and EOT."""
-    arr = np.asarray(tokens)
-    single = arr.ndim == 1
-    rows = arr[None] if single else arr
-    n = self._sp.get_piece_size()
-    texts = []
-    for row in rows.tolist():
-      if self.eot_id in row:
-        row = row[:row.index(self.eot_id)]
-      row = [t for t in row if t not in self._specials and 0 <= t < n]
-      texts.append(self._sp.decode(row))
-    return texts[0] if single else texts
+    def decode(self, tokens) -> list[str] | str:
+        """int [B, L] -> list of B strings ([L] -> one string): the text between BOT and EOT."""
+        arr = np.asarray(tokens)
+        single = arr.ndim == 1
+        rows = arr[None] if single else arr
+        n = self._sp.get_piece_size()
+        texts = []
+        for row in rows.tolist():
+            if self.eot_id in row:
+                row = row[: row.index(self.eot_id)]
+            row = [t for t in row if t not in self._specials and 0 <= t < n]
+            texts.append(self._sp.decode(row))
+        return texts[0] if single else texts
 
-  def id_to_piece(self, i: int) -> str:
-    return self._sp.id_to_piece(int(i))
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
 
 
 def _rebuild_tokenizer(proto, model_path, context_length, lowercase, clean):
-  tok = Tokenizer.__new__(Tokenizer)
-  tok._setup(proto, model_path, context_length, lowercase, clean)  # pylint: disable=W0212
-  return tok
+    tok = Tokenizer.__new__(Tokenizer)
+    tok._setup(proto, model_path, context_length, lowercase, clean)
+    return tok
 
 
-def train_tokenizer(captions: Iterable[str], model_prefix: str, vocab_size: int = 8000, *,
-                    lowercase: bool = True, clean: str = "clip", model_type: str = "unigram",
-                    character_coverage: float = 0.9995, byte_fallback: bool = True,
-                    hard_vocab_limit: bool = True, max_sentences: int = 5_000_000,
-                    num_threads: int = 1, seed_sentencepiece_size: int = 1_000_000,
-                    seed: int = 0) -> str:
-  """Trains a sentencepiece model on captions; writes ``<prefix>.model`` (and ``.vocab``
-  and the ``.json`` clean-up settings); returns the ``.model`` path.
+def train_tokenizer(
+    captions: Iterable[str],
+    model_prefix: str,
+    vocab_size: int = 8000,
+    *,
+    lowercase: bool = True,
+    clean: str = "clip",
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    byte_fallback: bool = True,
+    hard_vocab_limit: bool = True,
+    max_sentences: int = 5_000_000,
+    num_threads: int = 1,
+    seed_sentencepiece_size: int = 1_000_000,
+    seed: int = 0,
+) -> str:
+    """Trains a sentencepiece model on captions; writes ``<prefix>.model`` (and ``.vocab``
+    and the ``.json`` clean-up settings); returns the ``.model`` path.
 
-  Ids: pad 0, unk 1, BOT 2, EOT 3 (control symbols). With byte_fallback (default) any
-  character outside the vocabulary is spelled in bytes, so decode(encode(x)) == clean(x)
-  for every string. With num_threads=1 training is deterministic given `seed` (the
-  sentence sample and the pieces are the same on every run).
-  """
-  if clean not in CLEAN_MODES:
-    raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
-  prefix = os.fspath(model_prefix)
-  if os.path.dirname(prefix):
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    Ids: pad 0, unk 1, BOT 2, EOT 3 (control symbols). With byte_fallback (default) any
+    character outside the vocabulary is spelled in bytes, so decode(encode(x)) == clean(x)
+    for every string. With num_threads=1 training is deterministic given `seed` (the
+    sentence sample and the pieces are the same on every run).
+    """
+    if clean not in CLEAN_MODES:
+        raise ValueError(f"clean must be one of {CLEAN_MODES}, got {clean!r}")
+    prefix = os.fspath(model_prefix)
+    if os.path.dirname(prefix):
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
 
-  count = [0]
+    count = [0]
 
-  def sentences():
-    for c in captions:
-      t = clean_text(c, clean, lowercase)
-      if t:
-        count[0] += 1
-        yield t
+    def sentences():
+        for c in captions:
+            t = clean_text(c, clean, lowercase)
+            if t:
+                count[0] += 1
+                yield t
 
-  spm.set_random_generator_seed(int(seed))
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(),
-        model_prefix=prefix,
-        vocab_size=int(vocab_size),
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        hard_vocab_limit=hard_vocab_limit,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        seed_sentencepiece_size=seed_sentencepiece_size,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOT_ID, eos_id=EOT_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece=BOT_PIECE, eos_piece=EOT_PIECE,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        minloglevel=2,
+    spm.set_random_generator_seed(int(seed))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_prefix=prefix,
+            vocab_size=int(vocab_size),
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            hard_vocab_limit=hard_vocab_limit,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=num_threads,
+            seed_sentencepiece_size=seed_sentencepiece_size,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOT_ID,
+            eos_id=EOT_ID,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece=BOT_PIECE,
+            eos_piece=EOT_PIECE,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        if count[0] == 0:
+            raise DataError(
+                "no captions to train the tokenizer on (all empty after clean-up)"
+            ) from None
+        raise DataError(f"sentencepiece training failed: {e}") from None
+    with open(prefix + ".json", "w") as f:
+        json.dump(
+            {
+                "lowercase": lowercase,
+                "clean": clean,
+                "vocab_size": int(vocab_size),
+                "model_type": model_type,
+                "num_sentences": count[0],
+            },
+            f,
+            indent=1,
+        )
+    return prefix + ".model"
+
+
+def load_tokenizer(
+    path: str | None,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    context_length: int = 77,
+    lowercase: bool | None = None,
+    clean: str | None = None,
+) -> Tokenizer:
+    """The trainer's entry point (config.tokenizer.*).
+
+    path: a sentencepiece .model. Empty/None: the demo tokenizer when dataset is clip_demo
+    (trained on first use, cached under data_dir/clip_demo/tokenizer/); for any other
+    dataset a DataError saying how to train one.
+    """
+    if path:
+        return Tokenizer(path, context_length=context_length, lowercase=lowercase, clean=clean)
+    if dataset == "clip_demo":
+        from clip_jax.data.builders import clip_demo
+
+        return Tokenizer(
+            clip_demo.demo_tokenizer_path(data_dir),
+            context_length=context_length,
+            lowercase=lowercase,
+            clean=clean,
+        )
+    d = data_dir or "~/tensorflow_datasets"
+    raise DataError(
+        f"no tokenizer given for dataset {dataset!r} (tokenizer.path is empty); "
+        f"train one with: python -m clip_jax.data.tokenizer --dataset={dataset} "
+        f"--data_dir={d} --output={d}/{dataset}_sp --vocab_size=32000"
     )
-  except RuntimeError as e:
-    if count[0] == 0:
-      raise DataError("no captions to train the tokenizer on (all empty after clean-up)") from None
-    raise DataError(f"sentencepiece training failed: {e}") from None
-  with open(prefix + ".json", "w") as f:
-    json.dump({"lowercase": lowercase, "clean": clean, "vocab_size": int(vocab_size),
-               "model_type": model_type, "num_sentences": count[0]}, f, indent=1)
-  return prefix + ".model"
-
-
-def load_tokenizer(path: str | None, *, dataset: str | None = None,
-                   data_dir: str | None = None, context_length: int = 77,
-                   lowercase: bool | None = None, clean: str | None = None) -> Tokenizer:
-  """The trainer's entry point (config.tokenizer.*).
-
-  path: a sentencepiece .model. Empty/None: the demo tokenizer when dataset is clip_demo
-  (trained on first use, cached under data_dir/clip_demo/tokenizer/); for any other
-  dataset a DataError saying how to train one.
-  """
-  if path:
-    return Tokenizer(path, context_length=context_length, lowercase=lowercase, clean=clean)
-  if dataset == "clip_demo":
-    from clip_jax.data.builders import clip_demo  # pylint: disable=g-import-not-at-top
-    return Tokenizer(clip_demo.demo_tokenizer_path(data_dir), context_length=context_length,
-                     lowercase=lowercase, clean=clean)
-  d = data_dir or "~/tensorflow_datasets"
-  raise DataError(f"no tokenizer given for dataset {dataset!r} (tokenizer.path is empty); "
-                  f"train one with: python -m clip_jax.data.tokenizer --dataset={dataset} "
-                  f"--data_dir={d} --output={d}/{dataset}_sp --vocab_size=32000")
 
 
 def _read_caption_file(path: str) -> Iterable[str]:
-  if not os.path.isfile(path):
-    raise DataError(f"captions file not found: {path} (expected a text file, one caption a line)")
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      yield line.rstrip("\n")
+    if not os.path.isfile(path):
+        raise DataError(
+            f"captions file not found: {path} (expected a text file, one caption a line)"
+        )
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-      prog="python -m clip_jax.data.tokenizer",
-      description="Train a sentencepiece tokenizer on captions.")
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--captions", nargs="+", help="text file(s), one caption per line")
-  src.add_argument("--dataset", help="a prepared dataset name (captions of --split)")
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--split", default="train")
-  p.add_argument("--output", required=True, help="model prefix: writes PREFIX.model")
-  p.add_argument("--vocab_size", type=int, default=8000)
-  p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "word", "char"])
-  p.add_argument("--no_lowercase", action="store_true")
-  p.add_argument("--clean", default="clip", choices=CLEAN_MODES)
-  p.add_argument("--soft_vocab_limit", action="store_true",
-                 help="allow a smaller vocabulary than asked for when the corpus is small")
-  args = p.parse_args(argv)
-  try:
-    if args.captions:
-      captions = (c for path in args.captions for c in _read_caption_file(path))
-    else:
-      from clip_jax.data.pipeline import read_captions  # pylint: disable=g-import-not-at-top
-      captions = (c for caps in read_captions(args.dataset, args.split, args.data_dir)
-                  for c in caps)
-    path = train_tokenizer(captions, args.output, args.vocab_size,
-                           lowercase=not args.no_lowercase, clean=args.clean,
-                           model_type=args.model_type,
-                           hard_vocab_limit=not args.soft_vocab_limit)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  tok = Tokenizer(path)
-  print(f"wrote {path} (vocab_size={tok.vocab_size}, bot_id={tok.bot_id}, "
-        f"eot_id={tok.eot_id}, pad_id={tok.pad_id})")
-  return 0
+    p = argparse.ArgumentParser(
+        prog="python -m clip_jax.data.tokenizer",
+        description="Train a sentencepiece tokenizer on captions.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions", nargs="+", help="text file(s), one caption per line")
+    src.add_argument("--dataset", help="a prepared dataset name (captions of --split)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--output", required=True, help="model prefix: writes PREFIX.model")
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "word", "char"])
+    p.add_argument("--no_lowercase", action="store_true")
+    p.add_argument("--clean", default="clip", choices=CLEAN_MODES)
+    p.add_argument(
+        "--soft_vocab_limit",
+        action="store_true",
+        help="allow a smaller vocabulary than asked for when the corpus is small",
+    )
+    args = p.parse_args(argv)
+    try:
+        if args.captions:
+            captions = (c for path in args.captions for c in _read_caption_file(path))
+        else:
+            from clip_jax.data.pipeline import read_captions
+
+            captions = (
+                c for caps in read_captions(args.dataset, args.split, args.data_dir) for c in caps
+            )
+        path = train_tokenizer(
+            captions,
+            args.output,
+            args.vocab_size,
+            lowercase=not args.no_lowercase,
+            clean=args.clean,
+            model_type=args.model_type,
+            hard_vocab_limit=not args.soft_vocab_limit,
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tok = Tokenizer(path)
+    print(
+        f"wrote {path} (vocab_size={tok.vocab_size}, bot_id={tok.bot_id}, "
+        f"eot_id={tok.eot_id}, pad_id={tok.pad_id})"
+    )
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -16,6 +16,7 @@ labels of ImageNet-A and ImageNet-R are ImageNet-1k indices (only 200 of them oc
 1000-way label into its column (``-1`` for a class outside the subset). A copy of either set
 whose ClassLabel has 200 names (labels already 0..199 in subset order) gets no map.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,8 @@ import numpy as np
 
 from clip_jax.eval.templates import base_dataset_name
 
+# Data tables: several names per line, as published.
+# fmt: off
 IMAGENET_CLASSNAMES: tuple[str, ...] = (
     "tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "electric ray",
     "stingray", "rooster", "hen", "ostrich", "brambling", "goldfinch", "house finch", "junco",
@@ -239,10 +242,12 @@ CIFAR100_CLASSNAMES: tuple[str, ...] = (
     "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
     "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
     "sunflower", "sweet pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf", "woman", "worm",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow tree", "wolf", "woman",
+    "worm",
 )
 
 IMAGENET_1K_DATASETS = ("imagenet2012", "imagenet_v2", "imagenet_sketch")
+# fmt: on
 IMAGENET_SUBSETS = {"imagenet_a": IMAGENET_A_INDICES, "imagenet_r": IMAGENET_R_INDICES}
 _FIXED = {"cifar10": CIFAR10_CLASSNAMES, "cifar100": CIFAR100_CLASSNAMES}
 
@@ -281,7 +286,9 @@ class ClassNames:
 def read_names_file(path: str) -> list[str]:
     """One class name per line; blank lines are skipped, surrounding whitespace stripped."""
     if not os.path.isfile(path):
-        raise ValueError(f"class names file {path!r} does not exist; expected a text file with one name per line")
+        raise ValueError(
+            f"class names file {path!r} does not exist; expected a text file with one name per line"
+        )
     with open(path, encoding="utf-8") as f:
         names = [line.strip() for line in f if line.strip()]
     if not names:
@@ -326,12 +333,16 @@ def class_names_for(
             elif len(names) != len(indices):
                 raise ValueError(
                     f"class names file {override_path!r} has {len(names)} names but {base} has "
-                    f"{len(indices)} classes; expected {len(indices)} names in subset order or 1000 "
+                    f"{len(indices)} classes; expected {len(indices)} names in subset order "
+                    "or 1000 "
                     "ImageNet names"
                 )
             return ClassNames(tuple(names), label_map, f"file {override_path}")
-        return ClassNames(tuple(IMAGENET_CLASSNAMES[i] for i in indices), label_map,
-                          f"CLIP curated ImageNet names, {base} subset")
+        return ClassNames(
+            tuple(IMAGENET_CLASSNAMES[i] for i in indices),
+            label_map,
+            f"CLIP curated ImageNet names, {base} subset",
+        )
 
     if base in IMAGENET_1K_DATASETS:
         builtin, source, expected = IMAGENET_CLASSNAMES, "CLIP curated ImageNet names", 1000
@@ -342,7 +353,8 @@ def class_names_for(
 
     if n_info is not None and expected is not None and n_info != expected:
         raise ValueError(
-            f"dataset {dataset_name!r} has {n_info} label names in its metadata; expected {expected}"
+            f"dataset {dataset_name!r} has {n_info} label names in its metadata; "
+            f"expected {expected}"
         )
 
     if override_path:
@@ -350,7 +362,8 @@ def class_names_for(
         if expected is not None and len(names) != expected:
             raise ValueError(
                 f"class names file {override_path!r} has {len(names)} names but dataset "
-                f"{dataset_name!r} has {expected} classes; expected exactly {expected} names, one per line "
+                f"{dataset_name!r} has {expected} classes; expected exactly {expected} names, "
+                "one per line "
                 "in label order"
             )
         return ClassNames(tuple(names), None, f"file {override_path}")

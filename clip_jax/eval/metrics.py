@@ -15,6 +15,7 @@ accuracies and recalls are fractions in ``[0, 1]`` (the console table shows perc
   loss/gradient) and ``linear_probe`` (regularisation sweep on a validation split, refit on
   train+val, test top-1), as in the CLIP paper.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,14 +46,19 @@ def zero_shot_classifier(text_emb_per_template) -> jax.Array:
     """
     x = jnp.asarray(text_emb_per_template, jnp.float32)
     if x.ndim != 3:
-        raise ValueError(f"text_emb_per_template must be [classes, templates, dim], got shape {x.shape}")
+        raise ValueError(
+            f"text_emb_per_template must be [classes, templates, dim], got shape {x.shape}"
+        )
     return l2_normalize(jnp.mean(l2_normalize(x), axis=1))
 
 
 def zero_shot_logits(image_emb, classifier, logit_scale: float = 100.0) -> jax.Array:
     """``logit_scale * normalise(image_emb) @ classifier.T`` -> ``[N, C]``."""
-    return logit_scale * jnp.matmul(l2_normalize(image_emb), jnp.asarray(classifier, jnp.float32).T,
-                                    precision=jax.lax.Precision.HIGHEST)
+    return logit_scale * jnp.matmul(
+        l2_normalize(image_emb),
+        jnp.asarray(classifier, jnp.float32).T,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -81,7 +87,9 @@ def classification_metrics_from_topk(
     topk = np.asarray(topk)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     if topk.ndim != 2 or topk.shape[0] != labels.shape[0]:
-        raise ValueError(f"topk must be [N, k] with N = len(labels) = {labels.shape[0]}, got {topk.shape}")
+        raise ValueError(
+            f"topk must be [N, k] with N = len(labels) = {labels.shape[0]}, got {topk.shape}"
+        )
     if mask is not None:
         mask = np.asarray(mask, bool).reshape(-1)
         topk, labels = topk[mask], labels[mask]
@@ -133,7 +141,9 @@ def topk_over_keys(queries, keys, num_keys, *, k: int, key_block: int, precision
     """
     b, d = queries.shape
     if keys.shape[0] % key_block:
-        raise ValueError(f"keys rows ({keys.shape[0]}) must be a multiple of key_block ({key_block})")
+        raise ValueError(
+            f"keys rows ({keys.shape[0]}) must be a multiple of key_block ({key_block})"
+        )
     nb = keys.shape[0] // key_block
     blocks = keys.reshape(nb, key_block, d)
     prec = jax.lax.Precision[precision.upper()] if isinstance(precision, str) else precision
@@ -215,10 +225,10 @@ def ranked_neighbours(
         put = functools.partial(_global_from_host, sharding=rows)
     out = np.empty((nq, k), np.int64)
     for start in range(0, nq, query_block):
-        q = queries[start:start + query_block]
+        q = queries[start : start + query_block]
         n = q.shape[0]
         _, idx = run(put(_pad_rows(q, query_block)), keys_dev, np.int32(nk))
-        out[start:start + n] = np.asarray(idx.addressable_data(0))[:n]
+        out[start : start + n] = np.asarray(idx.addressable_data(0))[:n]
     return out
 
 
@@ -246,16 +256,21 @@ def retrieval_recall(
     t2i = np.asarray(text_to_image).astype(np.int64).reshape(-1)
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
-            f"image_emb {image_emb.shape} and text_emb {text_emb.shape} must be [N, D] and [M, D] with the same D"
+            f"image_emb {image_emb.shape} and text_emb {text_emb.shape} must be [N, D] and "
+            "[M, D] with the same D"
         )
     n, m = image_emb.shape[0], text_emb.shape[0]
     if t2i.shape[0] != m:
-        raise ValueError(f"text_to_image has {t2i.shape[0]} entries; expected one per caption ({m})")
+        raise ValueError(
+            f"text_to_image has {t2i.shape[0]} entries; expected one per caption ({m})"
+        )
     if n == 0 or m == 0:
         raise ValueError(f"retrieval needs at least one image and one caption, got {n} and {m}")
     bad = (t2i < 0) | (t2i >= n)
     if np.any(bad):
-        raise ValueError(f"text_to_image holds {int(t2i[bad][0])}; expected image indices in 0..{n - 1}")
+        raise ValueError(
+            f"text_to_image holds {int(t2i[bad][0])}; expected image indices in 0..{n - 1}"
+        )
     if normalize:
         image_emb = np.asarray(l2_normalize(image_emb))
         text_emb = np.asarray(l2_normalize(text_emb))
@@ -264,14 +279,14 @@ def retrieval_recall(
 
     out = {}
     # image -> text
-    nn_text = ranked_neighbours(image_emb, text_emb, kmax, **kw)           # [N, K]
-    owner = np.where(nn_text >= 0, t2i[np.maximum(nn_text, 0)], -1)        # image of each hit
+    nn_text = ranked_neighbours(image_emb, text_emb, kmax, **kw)  # [N, K]
+    owner = np.where(nn_text >= 0, t2i[np.maximum(nn_text, 0)], -1)  # image of each hit
     own = owner == np.arange(n)[:, None]
     has_caption = np.bincount(t2i, minlength=n) > 0
     for k in ks:
         out[f"i2t_R@{k}"] = float(np.mean(np.any(own[has_caption, :k], axis=1)))
     # text -> image
-    nn_image = ranked_neighbours(text_emb, image_emb, kmax, **kw)          # [M, K]
+    nn_image = ranked_neighbours(text_emb, image_emb, kmax, **kw)  # [M, K]
     hit = nn_image == t2i[:, None]
     for k in ks:
         out[f"t2i_R@{k}"] = float(np.mean(np.any(hit[:, :k], axis=1)))
@@ -283,8 +298,9 @@ def retrieval_recall(
 # --------------------------------------------------------------------------- Tip-Adapter
 
 
-def sample_k_shot(labels, k: int, seed: int = 0, num_classes: int | None = None,
-                  classes=None) -> np.ndarray:
+def sample_k_shot(
+    labels, k: int, seed: int = 0, num_classes: int | None = None, classes=None
+) -> np.ndarray:
     """Indices of k examples per class (sorted), drawn without replacement with ``seed``.
 
     ``classes``: the classes to sample (default ``0..num_classes-1``, with ``num_classes``
@@ -299,7 +315,9 @@ def sample_k_shot(labels, k: int, seed: int = 0, num_classes: int | None = None,
     for c in classes:
         idx = np.flatnonzero(labels == c)
         if idx.size < k:
-            raise ValueError(f"class {c} has {idx.size} training examples; {k}-shot needs at least {k}")
+            raise ValueError(
+                f"class {c} has {idx.size} training examples; {k}-shot needs at least {k}"
+            )
         chosen.append(rng.choice(idx, size=k, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros((0,), np.int64)
 
@@ -316,22 +334,29 @@ def build_cache(features, labels, num_classes: int):
 def _tip_parts(features, cache_keys, cache_values, clip_weights, logit_scale):
     hp = jax.lax.Precision.HIGHEST
     f = l2_normalize(features)
-    clip_logits = logit_scale * jnp.matmul(f, jnp.asarray(clip_weights, jnp.float32).T, precision=hp)
+    clip_logits = logit_scale * jnp.matmul(
+        f, jnp.asarray(clip_weights, jnp.float32).T, precision=hp
+    )
     affinity = jnp.matmul(f, l2_normalize(cache_keys).T, precision=hp)
     return clip_logits, affinity
 
 
-def tip_adapter_logits(features, cache_keys, cache_labels_onehot, clip_weights, alpha, beta,
-                       logit_scale: float = 100.0) -> jax.Array:
+def tip_adapter_logits(
+    features, cache_keys, cache_labels_onehot, clip_weights, alpha, beta, logit_scale: float = 100.0
+) -> jax.Array:
     """Tip-Adapter: ``clip + alpha * exp(-beta * (1 - f @ keys.T)) @ values``.
 
     features ``[N, D]`` and cache_keys ``[NK, D]`` are L2-normalised here; clip_weights is the
     ``[C, D]`` zero-shot classifier; ``clip = logit_scale * f @ clip_weights.T``.
     """
-    clip_logits, affinity = _tip_parts(features, cache_keys, cache_labels_onehot, clip_weights,
-                                       jnp.float32(logit_scale))
-    cache_logits = jnp.matmul(jnp.exp(-beta * (1.0 - affinity)), jnp.asarray(cache_labels_onehot, jnp.float32),
-                              precision=jax.lax.Precision.HIGHEST)
+    clip_logits, affinity = _tip_parts(
+        features, cache_keys, cache_labels_onehot, clip_weights, jnp.float32(logit_scale)
+    )
+    cache_logits = jnp.matmul(
+        jnp.exp(-beta * (1.0 - affinity)),
+        jnp.asarray(cache_labels_onehot, jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return clip_logits + alpha * cache_logits
 
 
@@ -340,8 +365,9 @@ def _tip_grid_accuracy(clip_logits, affinity, cache_values, labels, alphas, beta
     """Top-1 accuracy for every (beta, alpha): ``[len(betas), len(alphas)]``."""
 
     def per_beta(beta):
-        cache_logits = jnp.matmul(jnp.exp(-beta * (1.0 - affinity)), cache_values,
-                                  precision=jax.lax.Precision.HIGHEST)
+        cache_logits = jnp.matmul(
+            jnp.exp(-beta * (1.0 - affinity)), cache_values, precision=jax.lax.Precision.HIGHEST
+        )
 
         def per_alpha(alpha):
             pred = jnp.argmax(clip_logits + alpha * cache_logits, axis=-1)
@@ -361,8 +387,16 @@ def default_tip_grid(search_scale=(7.0, 3.0), search_step=(200, 20)):
     return alphas, betas
 
 
-def tip_adapter_search(val_features, val_labels, cache_keys, cache_labels_onehot, clip_weights,
-                       alphas=None, betas=None, logit_scale: float = 100.0) -> dict:
+def tip_adapter_search(
+    val_features,
+    val_labels,
+    cache_keys,
+    cache_labels_onehot,
+    clip_weights,
+    alphas=None,
+    betas=None,
+    logit_scale: float = 100.0,
+) -> dict:
     """Grid search of (alpha, beta) by validation top-1. Ties go to the first in the grid."""
     if alphas is None or betas is None:
         da, db = default_tip_grid()
@@ -372,15 +406,32 @@ def tip_adapter_search(val_features, val_labels, cache_keys, cache_labels_onehot
     betas = jnp.asarray(betas, jnp.float32).reshape(-1)
     labels = jnp.asarray(np.asarray(val_labels).astype(np.int32).reshape(-1))
     if labels.size == 0 or alphas.size == 0 or betas.size == 0:
-        raise ValueError(f"Tip-Adapter search needs validation examples and a grid; got {labels.size} "
-                         f"examples, {alphas.size} alphas, {betas.size} betas")
-    clip_logits, affinity = _tip_parts(val_features, cache_keys, cache_labels_onehot, clip_weights,
-                                       jnp.float32(logit_scale))
-    acc = np.asarray(_tip_grid_accuracy(clip_logits, affinity, jnp.asarray(cache_labels_onehot, jnp.float32),
-                                        labels, alphas, betas))
+        raise ValueError(
+            f"Tip-Adapter search needs validation examples and a grid; got {labels.size} "
+            f"examples, {alphas.size} alphas, {betas.size} betas"
+        )
+    clip_logits, affinity = _tip_parts(
+        val_features, cache_keys, cache_labels_onehot, clip_weights, jnp.float32(logit_scale)
+    )
+    acc = np.asarray(
+        _tip_grid_accuracy(
+            clip_logits,
+            affinity,
+            jnp.asarray(cache_labels_onehot, jnp.float32),
+            labels,
+            alphas,
+            betas,
+        )
+    )
     bi, ai = np.unravel_index(int(np.argmax(acc)), acc.shape)
-    return {"alpha": float(alphas[ai]), "beta": float(betas[bi]), "val_top1": float(acc[bi, ai]),
-            "zero_shot_val_top1": float(np.mean(np.asarray(jnp.argmax(clip_logits, -1)) == np.asarray(labels)))}
+    return {
+        "alpha": float(alphas[ai]),
+        "beta": float(betas[bi]),
+        "val_top1": float(acc[bi, ai]),
+        "zero_shot_val_top1": float(
+            np.mean(np.asarray(jnp.argmax(clip_logits, -1)) == np.asarray(labels))
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -414,8 +465,17 @@ def _lr_loss_grad(params, x_chunks, y_chunks, w_chunks, l2):
     return value, (gw / n + l2 * w, gb / n)
 
 
-def fit_logistic_regression(x, y, num_classes: int, c: float, *, init=None, max_iter: int = 1000,
-                            tol: float = 1e-6, chunk: int = 16384):
+def fit_logistic_regression(
+    x,
+    y,
+    num_classes: int,
+    c: float,
+    *,
+    init=None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    chunk: int = 16384,
+):
     """Multinomial logistic regression with L2 penalty, minimised by L-BFGS (scipy).
 
     Same objective as ``sklearn.linear_model.LogisticRegression(C=c)`` (lbfgs, multinomial):
@@ -434,19 +494,29 @@ def fit_logistic_regression(x, y, num_classes: int, c: float, *, init=None, max_
     if n == 0:
         raise ValueError("no training examples for the logistic regression")
     if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"label {int(y.min() if y.min() < 0 else y.max())} is outside 0..{num_classes - 1}")
+        raise ValueError(
+            f"label {int(y.min() if y.min() < 0 else y.max())} is outside 0..{num_classes - 1}"
+        )
     chunk = int(min(chunk, n))
     n_chunks = int(math.ceil(n / chunk))
     pad = n_chunks * chunk - n
-    xs = jnp.asarray(np.concatenate([x, np.zeros((pad, d), np.float32)]).reshape(n_chunks, chunk, d))
-    ys = jnp.asarray(np.concatenate([y, np.zeros(pad, np.int64)]).astype(np.int32).reshape(n_chunks, chunk))
-    ws = jnp.asarray(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(n_chunks, chunk))
+    xs = jnp.asarray(
+        np.concatenate([x, np.zeros((pad, d), np.float32)]).reshape(n_chunks, chunk, d)
+    )
+    ys = jnp.asarray(
+        np.concatenate([y, np.zeros(pad, np.int64)]).astype(np.int32).reshape(n_chunks, chunk)
+    )
+    ws = jnp.asarray(
+        np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(n_chunks, chunk)
+    )
     l2 = jnp.float32(1.0 / (c * n))
     size_w = d * num_classes
 
     def fun(theta):
-        params = (jnp.asarray(theta[:size_w].reshape(d, num_classes), jnp.float32),
-                  jnp.asarray(theta[size_w:], jnp.float32))
+        params = (
+            jnp.asarray(theta[:size_w].reshape(d, num_classes), jnp.float32),
+            jnp.asarray(theta[size_w:], jnp.float32),
+        )
         value, (gw, gb) = _lr_loss_grad(params, xs, ys, ws, l2)
         grad = np.concatenate([np.asarray(gw, np.float64).ravel(), np.asarray(gb, np.float64)])
         return float(value), grad
@@ -454,9 +524,16 @@ def fit_logistic_regression(x, y, num_classes: int, c: float, *, init=None, max_
     if init is None:
         theta0 = np.zeros(size_w + num_classes, np.float64)
     else:
-        theta0 = np.concatenate([np.asarray(init[0], np.float64).ravel(), np.asarray(init[1], np.float64)])
-    res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                                  options={"maxiter": int(max_iter), "gtol": tol, "ftol": 1e-12})
+        theta0 = np.concatenate(
+            [np.asarray(init[0], np.float64).ravel(), np.asarray(init[1], np.float64)]
+        )
+    res = scipy.optimize.minimize(
+        fun,
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": int(max_iter), "gtol": tol, "ftol": 1e-12},
+    )
     theta = res.x
     return theta[:size_w].reshape(d, num_classes), theta[size_w:]
 
@@ -468,7 +545,7 @@ def _accuracy(x, y, params) -> float:
 
 
 def split_train_val(n: int, val_fraction: float = 0.2, seed: int = 0):
-    """Random disjoint (train_idx, val_idx) of ``range(n)`` (sorted), val of size round(f * n) >= 1."""
+    """Random disjoint sorted (train_idx, val_idx) of ``range(n)``; val has round(f * n) >= 1."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = max(1, int(round(val_fraction * n)))
@@ -481,9 +558,20 @@ def split_train_val(n: int, val_fraction: float = 0.2, seed: int = 0):
 DEFAULT_C_VALUES = tuple(float(c) for c in np.logspace(-6, 6, 13))
 
 
-def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, c_values: Sequence[float] = DEFAULT_C_VALUES,
-                 *, refine_steps: int = 0, num_classes: int | None = None, max_iter: int = 1000,
-                 tol: float = 1e-6) -> dict:
+def linear_probe(
+    train_x,
+    train_y,
+    val_x,
+    val_y,
+    test_x,
+    test_y,
+    c_values: Sequence[float] = DEFAULT_C_VALUES,
+    *,
+    refine_steps: int = 0,
+    num_classes: int | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+) -> dict:
     """The CLIP paper's linear probe on frozen features.
 
     Fits on train for every C in ``c_values`` (ascending, each warm-started from the previous),
@@ -510,7 +598,9 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, c_values: Seque
     fits, scores = {}, {}
     prev = None
     for c in cs:
-        fits[c] = fit_logistic_regression(train_x, train_y, num_classes, c, init=prev, max_iter=max_iter, tol=tol)
+        fits[c] = fit_logistic_regression(
+            train_x, train_y, num_classes, c, init=prev, max_iter=max_iter, tol=tol
+        )
         prev = fits[c]
         scores[c] = _accuracy(val_x, val_y, fits[c])
 
@@ -525,13 +615,16 @@ def linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, c_values: Seque
             if 0 <= j < len(grid):
                 mid = float(math.sqrt(grid[j] * b))
                 if mid not in scores:
-                    fits[mid] = fit_logistic_regression(train_x, train_y, num_classes, mid, init=fits[b],
-                                                        max_iter=max_iter, tol=tol)
+                    fits[mid] = fit_logistic_regression(
+                        train_x, train_y, num_classes, mid, init=fits[b], max_iter=max_iter, tol=tol
+                    )
                     scores[mid] = _accuracy(val_x, val_y, fits[mid])
     c_best = best_c()
     all_x = np.concatenate([train_x, val_x])
     all_y = np.concatenate([train_y, val_y])
-    final = fit_logistic_regression(all_x, all_y, num_classes, c_best, init=fits[c_best], max_iter=max_iter, tol=tol)
+    final = fit_logistic_regression(
+        all_x, all_y, num_classes, c_best, init=fits[c_best], max_iter=max_iter, tol=tol
+    )
     return {
         "top1": _accuracy(test_x, test_y, final),
         "best_C": c_best,

@@ -8,6 +8,7 @@ prompt-engineering notebook, and the per-dataset lists of its ``data/prompts.md`
 UTF-8 text file with one template per line (blank lines and lines starting with ``#`` are
 skipped), or a sequence of template strings. Every template is validated.
 """
+
 from __future__ import annotations
 
 import os
@@ -306,7 +307,9 @@ def validate_template(template: str, where: str = "") -> str:
     """Returns the template, or raises ValueError naming it and what is expected."""
     loc = f" ({where})" if where else ""
     if not isinstance(template, str):
-        raise ValueError(f"template{loc} must be a string, got {type(template).__name__}: {template!r}")
+        raise ValueError(
+            f"template{loc} must be a string, got {type(template).__name__}: {template!r}"
+        )
     count = template.count(PLACEHOLDER)
     others = template.replace(PLACEHOLDER, "")
     if count != 1 or "{" in others or "}" in others:
@@ -346,14 +349,17 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
             source = f"file {key!r}"
         else:
             raise ValueError(
-                f"unknown template spec {spec!r}: expected one of {sorted(TEMPLATE_SETS)} or the path "
+                f"unknown template spec {spec!r}: expected one of {sorted(TEMPLATE_SETS)} "
+                "or the path "
                 "of an existing text file with one template per line"
             )
     else:
         templates = [validate_template(t, f"entry {i}") for i, t in enumerate(spec)]
         source = "the given list"
     if not templates:
-        raise ValueError(f"no templates found in {source}; expected at least one line like 'a photo of a {{}}.'")
+        raise ValueError(
+            f"no templates found in {source}; expected at least one line like 'a photo of a {{}}.'"
+        )
     for i, t in enumerate(templates):
         validate_template(t, f"{source}, entry {i}")
     return templates

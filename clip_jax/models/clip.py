@@ -18,19 +18,27 @@ Variables returned by ``CLIP(config).init(rng, images, tokens)``:
 ``encode_image`` / ``encode_text`` can be called alone with
 ``model.apply(variables, x, method=CLIP.encode_image)`` (resp. ``encode_text``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import (ACTIVATIONS, REMAT_POLICIES, check_images, dtype_name,
-                                    param, to_dtype)
+from clip_jax.models.layers import (
+    ACTIVATIONS,
+    REMAT_POLICIES,
+    check_images,
+    dtype_name,
+    param,
+    to_dtype,
+)
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
@@ -79,26 +87,37 @@ class VisionConfig:
             _set(self, "patch_size", _int(o, "patch_size", self.patch_size))
             _set(self, "layers", _int(o, "layers", self.layers))
             if self.image_size % self.patch_size:
-                raise ValueError(f"vision.image_size {self.image_size} is not divisible by "
-                                 f"vision.patch_size {self.patch_size}")
+                raise ValueError(
+                    f"vision.image_size {self.image_size} is not divisible by "
+                    f"vision.patch_size {self.patch_size}"
+                )
             if self.width % self.heads:
-                raise ValueError(f"vision.width {self.width} is not divisible by vision.heads "
-                                 f"{self.heads}")
+                raise ValueError(
+                    f"vision.width {self.width} is not divisible by vision.heads {self.heads}"
+                )
         else:
             if self.patch_size is not None:
-                raise ValueError(f"vision.patch_size must be None for kind 'resnet'; got "
-                                 f"{self.patch_size!r}")
-            if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__len__") \
-                    or len(self.layers) != 4:
-                raise ValueError(f"vision.layers must be 4 stage depths for kind 'resnet'; got "
-                                 f"{self.layers!r}")
+                raise ValueError(
+                    f"vision.patch_size must be None for kind 'resnet'; got {self.patch_size!r}"
+                )
+            if (
+                isinstance(self.layers, (str, bytes))
+                or not hasattr(self.layers, "__len__")
+                or len(self.layers) != 4
+            ):
+                raise ValueError(
+                    f"vision.layers must be 4 stage depths for kind 'resnet'; got {self.layers!r}"
+                )
             _set(self, "layers", tuple(_int(o, "layers[]", d) for d in self.layers))
             if self.image_size % 32:
-                raise ValueError(f"vision.image_size {self.image_size} must be divisible by 32 "
-                                 f"for kind 'resnet'")
+                raise ValueError(
+                    f"vision.image_size {self.image_size} must be divisible by 32 for kind 'resnet'"
+                )
             if (self.width * 32) % self.heads:
-                raise ValueError(f"vision.heads {self.heads} must divide the attention-pool "
-                                 f"width {self.width * 32} (= 32 * vision.width)")
+                raise ValueError(
+                    f"vision.heads {self.heads} must divide the attention-pool "
+                    f"width {self.width * 32} (= 32 * vision.width)"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +138,12 @@ class TextConfig:
             _set(self, name, _int(o, name, getattr(self, name)))
         _set(self, "eot_token_id", _int(o, "eot_token_id", self.eot_token_id, minimum=0))
         if self.eot_token_id >= self.vocab_size:
-            raise ValueError(f"text.eot_token_id {self.eot_token_id} must be in "
-                             f"[0, {self.vocab_size - 1}] (vocab_size {self.vocab_size})")
+            raise ValueError(
+                f"text.eot_token_id {self.eot_token_id} must be in "
+                f"[0, {self.vocab_size - 1}] (vocab_size {self.vocab_size})"
+            )
         if self.width % self.heads:
-            raise ValueError(f"text.width {self.width} is not divisible by text.heads "
-                             f"{self.heads}")
+            raise ValueError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
 
 
 def _sub_config(cls: type, name: str, value: Any) -> Any:
@@ -163,16 +183,17 @@ class CLIPConfig:
         _set(self, "vision", _sub_config(VisionConfig, "vision", self.vision))
         _set(self, "text", _sub_config(TextConfig, "text", self.text))
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} is unknown; allowed: "
-                             f"{sorted(ACTIVATIONS)}")
+            raise ValueError(
+                f"activation {self.activation!r} is unknown; allowed: {sorted(ACTIVATIONS)}"
+            )
         _set(self, "dtype", dtype_name(self.dtype))
         _set(self, "param_dtype", dtype_name(self.param_dtype))
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} is unknown; allowed: "
-                             f"{sorted(REMAT_POLICIES)}")
+            raise ValueError(
+                f"remat_policy {self.remat_policy!r} is unknown; allowed: {sorted(REMAT_POLICIES)}"
+            )
         s = self.logit_scale_init
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not (
-                0 < s < math.inf):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not (0 < s < math.inf):
             raise ValueError(f"logit_scale_init must be a finite number > 0; got {s!r}")
         _set(self, "logit_scale_init", float(s))
         b = self.logit_bias_init
@@ -181,7 +202,7 @@ class CLIPConfig:
                 raise ValueError(f"logit_bias_init must be None or a finite number; got {b!r}")
             _set(self, "logit_bias_init", float(b))
 
-    def replace(self, **changes) -> "CLIPConfig":
+    def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -197,8 +218,9 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
         return x.astype(dtype)
     if jnp.issubdtype(images.dtype, jnp.floating):
         return images.astype(dtype)
-    raise ValueError(f"images must be uint8 (raw pixels) or floating (normalised); got dtype "
-                     f"{images.dtype}")
+    raise ValueError(
+        f"images must be uint8 (raw pixels) or floating (normalised); got dtype {images.dtype}"
+    )
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -218,24 +240,48 @@ class CLIP(nn.Module):
         v, t = c.vision, c.text
         if v.kind == "vit":
             self.visual = VisionTransformer(
-                image_size=v.image_size, patch_size=v.patch_size, width=v.width,
-                layers=v.layers, heads=v.heads, embed_dim=c.embed_dim, activation=c.activation,
-                remat_policy=c.remat_policy, dtype=dt, param_dtype=pdt)
+                image_size=v.image_size,
+                patch_size=v.patch_size,
+                width=v.width,
+                layers=v.layers,
+                heads=v.heads,
+                embed_dim=c.embed_dim,
+                activation=c.activation,
+                remat_policy=c.remat_policy,
+                dtype=dt,
+                param_dtype=pdt,
+            )
         else:
             self.visual = ModifiedResNet(
-                image_size=v.image_size, layers=v.layers, width=v.width, heads=v.heads,
-                embed_dim=c.embed_dim, remat_policy=c.remat_policy, dtype=dt, param_dtype=pdt)
+                image_size=v.image_size,
+                layers=v.layers,
+                width=v.width,
+                heads=v.heads,
+                embed_dim=c.embed_dim,
+                remat_policy=c.remat_policy,
+                dtype=dt,
+                param_dtype=pdt,
+            )
         self.text = TextTransformer(
-            vocab_size=t.vocab_size, context_length=t.context_length,
-            eot_token_id=t.eot_token_id, width=t.width, layers=t.layers, heads=t.heads,
-            embed_dim=c.embed_dim, activation=c.activation, remat_policy=c.remat_policy,
-            dtype=dt, param_dtype=pdt)
-        self.log_scale = param(self, "log_scale",
-                               nn.initializers.constant(math.log(c.logit_scale_init)), (), (),
-                               pdt)
+            vocab_size=t.vocab_size,
+            context_length=t.context_length,
+            eot_token_id=t.eot_token_id,
+            width=t.width,
+            layers=t.layers,
+            heads=t.heads,
+            embed_dim=c.embed_dim,
+            activation=c.activation,
+            remat_policy=c.remat_policy,
+            dtype=dt,
+            param_dtype=pdt,
+        )
+        self.log_scale = param(
+            self, "log_scale", nn.initializers.constant(math.log(c.logit_scale_init)), (), (), pdt
+        )
         if c.logit_bias_init is not None:
-            self.logit_bias = param(self, "logit_bias",
-                                    nn.initializers.constant(c.logit_bias_init), (), (), pdt)
+            self.logit_bias = param(
+                self, "logit_bias", nn.initializers.constant(c.logit_bias_init), (), (), pdt
+            )
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         """NHWC uint8 (normalised here) or float (already normalised) -> ``[B, embed_dim]``
@@ -252,8 +298,9 @@ class CLIP(nn.Module):
         out = {
             "image_emb": _l2_normalize(self.encode_image(images)),
             "text_emb": _l2_normalize(self.encode_text(tokens)),
-            "logit_scale": jnp.minimum(jnp.exp(self.log_scale.astype(jnp.float32)),
-                                       MAX_LOGIT_SCALE),
+            "logit_scale": jnp.minimum(
+                jnp.exp(self.log_scale.astype(jnp.float32)), MAX_LOGIT_SCALE
+            ),
         }
         if self.config.logit_bias_init is not None:
             out["logit_bias"] = self.logit_bias.astype(jnp.float32)

@@ -11,10 +11,12 @@ Conventions used throughout ``clip_jax.models``:
   output ``[heads, head_dim, out]``; FSDP can shard ``embed`` and tensor parallelism
   ``heads`` / ``mlp``.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,8 +26,18 @@ Dtype = Any
 
 # The only logical axis names a parameter may carry (see docs/architecture.md).
 LOGICAL_AXES = (
-    "embed", "mlp", "heads", "head_dim", "vocab", "position", "proj",
-    "conv_in", "conv_out", "conv_h", "conv_w", "norm",
+    "embed",
+    "mlp",
+    "heads",
+    "head_dim",
+    "vocab",
+    "position",
+    "proj",
+    "conv_in",
+    "conv_out",
+    "conv_h",
+    "conv_w",
+    "norm",
 )
 
 LN_EPS = 1e-5
@@ -105,15 +117,28 @@ def _check_axes(shape: Sequence[int], axes: Sequence[str]) -> None:
         raise ValueError(f"logical axis names {bad} are not in {LOGICAL_AXES}")
 
 
-def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int],
-          axes: Sequence[str], dtype: Dtype) -> jax.Array:
+def param(
+    module: nn.Module,
+    name: str,
+    init: Callable,
+    shape: Sequence[int],
+    axes: Sequence[str],
+    dtype: Dtype,
+) -> jax.Array:
     """``module.param`` boxed with logical axis names (returned unboxed)."""
     _check_axes(shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def variable(module: nn.Module, collection: str, name: str, init: Callable,
-             shape: Sequence[int], axes: Sequence[str], dtype: Dtype) -> jax.Array:
+def variable(
+    module: nn.Module,
+    collection: str,
+    name: str,
+    init: Callable,
+    shape: Sequence[int],
+    axes: Sequence[str],
+    dtype: Dtype,
+) -> jax.Array:
     """A non-trainable variable boxed with logical axis names; returns its value."""
     _check_axes(shape, axes)
     boxed_init = nn.with_logical_partitioning(lambda: init(None, tuple(shape), dtype), tuple(axes))
@@ -135,9 +160,11 @@ def check_images(images: jax.Array, image_size: int) -> None:
     if shape[3] != 3:
         raise ValueError(f"images must have 3 channels (NHWC); got {shape[3]} in shape {shape}")
     if shape[1] != image_size or shape[2] != image_size:
-        raise ValueError(f"images are {shape[1]}x{shape[2]} but the model is configured for "
-                         f"image_size {image_size} (shape must be "
-                         f"[B, {image_size}, {image_size}, 3])")
+        raise ValueError(
+            f"images are {shape[1]}x{shape[2]} but the model is configured for "
+            f"image_size {image_size} (shape must be "
+            f"[B, {image_size}, {image_size}, 3])"
+        )
 
 
 # ---------------------------------------------------------------- layers
@@ -153,8 +180,7 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
-        scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",),
-                      self.param_dtype)
+        scale = param(self, "scale", nn.initializers.ones, (features,), ("norm",), self.param_dtype)
         bias = param(self, "bias", nn.initializers.zeros, (features,), ("norm",), self.param_dtype)
         return _layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
@@ -189,13 +215,25 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_axes)
-        shape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
-        kernel = param(self, "kernel", normal(self.kernel_std), shape,
-                       self.in_axes + self.out_axes, self.param_dtype)
+        shape = tuple(x.shape[x.ndim - n_in :]) + tuple(self.features)
+        kernel = param(
+            self,
+            "kernel",
+            normal(self.kernel_std),
+            shape,
+            self.in_axes + self.out_axes,
+            self.param_dtype,
+        )
         y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
         if self.use_bias:
-            bias = param(self, "bias", nn.initializers.zeros, tuple(self.features),
-                         self.out_axes, self.param_dtype)
+            bias = param(
+                self,
+                "bias",
+                nn.initializers.zeros,
+                tuple(self.features),
+                self.out_axes,
+                self.param_dtype,
+            )
             y = y + bias.astype(self.dtype)
         return y
 
@@ -217,18 +255,27 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = param(self, "kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                       ("conv_h", "conv_w", "conv_in", self.out_axis), self.param_dtype)
+        kernel = param(
+            self,
+            "kernel",
+            self.kernel_init,
+            (k, k, x.shape[-1], self.features),
+            ("conv_h", "conv_w", "conv_in", self.out_axis),
+            self.param_dtype,
+        )
         if self.padding == "SAME_TORCH":
             padding = ((k // 2, k // 2), (k // 2, k // 2))
         elif self.padding == "VALID":
             padding = "VALID"
         else:
-            raise ValueError(f"padding {self.padding!r} is unknown; allowed: 'SAME_TORCH', "
-                             f"'VALID'")
+            raise ValueError(f"padding {self.padding!r} is unknown; allowed: 'SAME_TORCH', 'VALID'")
         return jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-            padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (self.stride, self.stride),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
 
 
 @functools.partial(jax.checkpoint, static_argnums=(3,))
@@ -260,20 +307,34 @@ class MultiHeadAttention(nn.Module):
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by heads {self.num_heads}")
         head_dim = d // self.num_heads
-        qkv_std = self.qkv_std if self.qkv_std is not None else d ** -0.5
-        out_std = self.out_std if self.out_std is not None else d ** -0.5
+        qkv_std = self.qkv_std if self.qkv_std is not None else d**-0.5
+        out_std = self.out_std if self.out_std is not None else d**-0.5
 
         def project(name, x):
-            return Dense((self.num_heads, head_dim), ("embed",), ("heads", "head_dim"), qkv_std,
-                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+            return Dense(
+                (self.num_heads, head_dim),
+                ("embed",),
+                ("heads", "head_dim"),
+                qkv_std,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )(x)
 
         q = project("query", inputs_q)
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
         # softmax(q k^T / sqrt(head_dim)) v; logits and softmax in float32.
         y = _attention(q, k, v, causal)
-        return Dense((self.out_features or d,), ("heads", "head_dim"), (self.out_axis,),
-                     out_std, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
+        return Dense(
+            (self.out_features or d,),
+            ("heads", "head_dim"),
+            (self.out_axis,),
+            out_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(y)
 
 
 class MLP(nn.Module):
@@ -291,11 +352,25 @@ class MLP(nn.Module):
         d = x.shape[-1]
         act = get_activation(self.activation)
         fc_std = self.fc_std if self.fc_std is not None else (2 * d) ** -0.5
-        proj_std = self.proj_std if self.proj_std is not None else self.hidden ** -0.5
-        h = Dense((self.hidden,), ("embed",), ("mlp",), fc_std, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="fc")(x)
-        return Dense((d,), ("mlp",), ("embed",), proj_std, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="proj")(act(h))
+        proj_std = self.proj_std if self.proj_std is not None else self.hidden**-0.5
+        h = Dense(
+            (self.hidden,),
+            ("embed",),
+            ("mlp",),
+            fc_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc",
+        )(x)
+        return Dense(
+            (d,),
+            ("mlp",),
+            ("embed",),
+            proj_std,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="proj",
+        )(act(h))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -313,14 +388,21 @@ class ResidualAttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         # OpenAI CLIP init: attn std D^-0.5, residual outputs D^-0.5 (2 L)^-0.5, fc (2 D)^-0.5.
-        proj_std = d ** -0.5 * (2 * self.num_layers) ** -0.5
+        proj_std = d**-0.5 * (2 * self.num_layers) ** -0.5
         h = LayerNorm(self.dtype, self.param_dtype, name="ln_1")(x)
-        h = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype, out_std=proj_std,
-                               name="attn")(h, h, causal=self.causal)
+        h = MultiHeadAttention(
+            self.num_heads, self.dtype, self.param_dtype, out_std=proj_std, name="attn"
+        )(h, h, causal=self.causal)
         x = x + h
         h = LayerNorm(self.dtype, self.param_dtype, name="ln_2")(x)
-        h = MLP(self.mlp_ratio * d, self.activation, self.dtype, self.param_dtype,
-                proj_std=proj_std, name="mlp")(h)
+        h = MLP(
+            self.mlp_ratio * d,
+            self.activation,
+            self.dtype,
+            self.param_dtype,
+            proj_std=proj_std,
+            name="mlp",
+        )(h)
         return x + h
 
 
@@ -339,7 +421,13 @@ class Transformer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         block_cls = maybe_remat(ResidualAttentionBlock, self.remat_policy)
         for i in range(self.layers):
-            x = block_cls(num_heads=self.heads, num_layers=self.layers,
-                          activation=self.activation, causal=self.causal, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=f"resblocks_{i}")(x)
+            x = block_cls(
+                num_heads=self.heads,
+                num_layers=self.layers,
+                activation=self.activation,
+                causal=self.causal,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"resblocks_{i}",
+            )(x)
         return x

@@ -10,16 +10,25 @@ and bias are trainable parameters (collection ``'params'``); its mean and varian
 the collection ``'batch_stats'`` (initialised to 0 and 1, filled by checkpoint conversion)
 and are only ever read, never updated, so ``apply`` needs no mutable collections.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import (Conv, MultiHeadAttention, check_images, maybe_remat, normal,
-                                    param, variable)
+from clip_jax.models.layers import (
+    Conv,
+    MultiHeadAttention,
+    check_images,
+    maybe_remat,
+    normal,
+    param,
+    variable,
+)
 
 Dtype = Any
 
@@ -44,21 +53,38 @@ class FrozenBatchNorm(nn.Module):
         scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
         scale = param(self, "scale", scale_init, (c,), ("norm",), self.param_dtype)
         bias = param(self, "bias", nn.initializers.zeros, (c,), ("norm",), self.param_dtype)
-        mean = variable(self, "batch_stats", "mean", nn.initializers.zeros, (c,), ("norm",),
-                        jnp.float32)
-        var = variable(self, "batch_stats", "var", nn.initializers.ones, (c,), ("norm",),
-                       jnp.float32)
+        mean = variable(
+            self, "batch_stats", "mean", nn.initializers.zeros, (c,), ("norm",), jnp.float32
+        )
+        var = variable(
+            self, "batch_stats", "var", nn.initializers.ones, (c,), ("norm",), jnp.float32
+        )
         mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.epsilon)
         add = bias.astype(jnp.float32) - mean.astype(jnp.float32) * mul
         return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
-def conv(module: nn.Module, name: str, x: jax.Array, features: int, kernel_size: int,
-         stride: int, dtype: Dtype, param_dtype: Dtype) -> jax.Array:
+def conv(
+    module: nn.Module,
+    name: str,
+    x: jax.Array,
+    features: int,
+    kernel_size: int,
+    stride: int,
+    dtype: Dtype,
+    param_dtype: Dtype,
+) -> jax.Array:
     """Conv without bias, PyTorch-style symmetric padding ``kernel_size // 2``; its kernel is
     ``<name>/kernel``."""
-    return Conv(features, kernel_size, stride, dtype=dtype, param_dtype=param_dtype,
-                parent=module, name=name)(x)
+    return Conv(
+        features,
+        kernel_size,
+        stride,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        parent=module,
+        name=name,
+    )(x)
 
 
 def avg_pool(x: jax.Array, size: int) -> jax.Array:
@@ -91,8 +117,9 @@ class Bottleneck(nn.Module):
 
         identity = x.astype(dt)
         if self.stride > 1 or x.shape[-1] != out_ch:
-            identity = conv(self, "downsample_conv", avg_pool(identity, self.stride), out_ch,
-                            1, 1, dt, pdt)
+            identity = conv(
+                self, "downsample_conv", avg_pool(identity, self.stride), out_ch, 1, 1, dt, pdt
+            )
             identity = FrozenBatchNorm(dt, pdt, name="downsample_bn")(identity)
         return nn.relu(h + identity)
 
@@ -113,13 +140,26 @@ class AttentionPool2d(nn.Module):
         x = x.reshape(b, h * w, c).astype(self.dtype)
         mean = jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True).astype(self.dtype)
         x = jnp.concatenate([mean, x], axis=1)
-        std = c ** -0.5
-        pos = param(self, "positional_embedding", normal(std), (h * w + 1, c),
-                    ("position", "embed"), self.param_dtype)
+        std = c**-0.5
+        pos = param(
+            self,
+            "positional_embedding",
+            normal(std),
+            (h * w + 1, c),
+            ("position", "embed"),
+            self.param_dtype,
+        )
         x = x + pos.astype(self.dtype)
-        y = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
-                               out_features=self.output_dim, out_axis="proj", qkv_std=std,
-                               out_std=std, name="attn")(x[:, :1], x)
+        y = MultiHeadAttention(
+            self.num_heads,
+            self.dtype,
+            self.param_dtype,
+            out_features=self.output_dim,
+            out_axis="proj",
+            qkv_std=std,
+            out_std=std,
+            name="attn",
+        )(x[:, :1], x)
         return y[:, 0]
 
 
@@ -143,8 +183,10 @@ class ModifiedResNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         if self.image_size % 32:
-            raise ValueError(f"image_size {self.image_size} must be divisible by 32 for a "
-                             f"ModifiedResNet (total stride 32)")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 32 for a "
+                f"ModifiedResNet (total stride 32)"
+            )
         if len(tuple(self.layers)) != 4:
             raise ValueError(f"layers must be 4 stage depths; got {self.layers!r}")
         check_images(images, self.image_size)
@@ -158,10 +200,15 @@ class ModifiedResNet(nn.Module):
 
         block_cls = maybe_remat(Bottleneck, self.remat_policy)
         for stage, depth in enumerate(self.layers):
-            planes = w * 2 ** stage
+            planes = w * 2**stage
             for j in range(depth):
                 stride = 2 if (stage > 0 and j == 0) else 1
-                x = block_cls(planes=planes, stride=stride, dtype=dt, param_dtype=pdt,
-                              name=f"layer{stage + 1}_{j}")(x)
+                x = block_cls(
+                    planes=planes,
+                    stride=stride,
+                    dtype=dt,
+                    param_dtype=pdt,
+                    name=f"layer{stage + 1}_{j}",
+                )(x)
 
         return AttentionPool2d(self.heads, self.embed_dim, dt, pdt, name="attnpool")(x)

@@ -1,4 +1,5 @@
 """The CLIP text tower: a causal Transformer pooled at the end-of-text token."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,8 +21,9 @@ def check_tokens(tokens: jax.Array, context_length: int) -> None:
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers (int32); got dtype {tokens.dtype}")
     if not 1 <= shape[1] <= context_length:
-        raise ValueError(f"tokens have length {shape[1]}; allowed 1..{context_length} "
-                         f"(context_length)")
+        raise ValueError(
+            f"tokens have length {shape[1]}; allowed 1..{context_length} (context_length)"
+        )
 
 
 def eot_positions(tokens: jax.Array, eot_token_id: int) -> jax.Array:
@@ -57,21 +59,46 @@ class TextTransformer(nn.Module):
         check_tokens(tokens, self.context_length)
         w, length = self.width, tokens.shape[1]
 
-        emb = param(self, "token_embedding", normal(0.02), (self.vocab_size, w),
-                    ("vocab", "embed"), self.param_dtype)
-        pos = param(self, "positional_embedding", normal(0.01), (self.context_length, w),
-                    ("position", "embed"), self.param_dtype)
+        emb = param(
+            self,
+            "token_embedding",
+            normal(0.02),
+            (self.vocab_size, w),
+            ("vocab", "embed"),
+            self.param_dtype,
+        )
+        pos = param(
+            self,
+            "positional_embedding",
+            normal(0.01),
+            (self.context_length, w),
+            ("position", "embed"),
+            self.param_dtype,
+        )
         x = jnp.take(emb, tokens, axis=0).astype(self.dtype)
         x = x + pos[:length].astype(self.dtype)
 
-        x = Transformer(self.layers, self.heads, self.activation, causal=True,
-                        remat_policy=self.remat_policy, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="transformer")(x)
+        x = Transformer(
+            self.layers,
+            self.heads,
+            self.activation,
+            causal=True,
+            remat_policy=self.remat_policy,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="transformer",
+        )(x)
         # LayerNorm acts per position, so gathering first and normalising one row is the same.
         idx = eot_positions(tokens, self.eot_token_id)
         x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
         x = LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x)
 
-        proj = param(self, "text_projection", normal(w ** -0.5), (w, self.embed_dim),
-                     ("embed", "proj"), self.param_dtype)
+        proj = param(
+            self,
+            "text_projection",
+            normal(w**-0.5),
+            (w, self.embed_dim),
+            ("embed", "proj"),
+            self.param_dtype,
+        )
         return jnp.einsum("bd,de->be", x, proj.astype(self.dtype))

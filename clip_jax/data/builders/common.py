@@ -10,21 +10,22 @@ from etils import epath
 
 
 def text_features() -> dict:
-  """'image': encoded bytes exactly as stored (decoded with PIL by the loader, never by
-  TensorFlow); 'caption': one or more UTF-8 strings; 'key': the example's source key."""
-  return {
-      "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-      "caption": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-      "key": tfds.features.Text(),
-  }
+    """'image': encoded bytes exactly as stored (decoded with PIL by the loader, never by
+    TensorFlow); 'caption': one or more UTF-8 strings; 'key': the example's source key."""
+    return {
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "caption": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+        "key": tfds.features.Text(),
+    }
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """GeneratorBasedBuilder writing ArrayRecord, with a code path that does not depend on
-  how clip_jax was installed (tfds' own lookup fails for namespace/editable packages)."""
+    """GeneratorBasedBuilder writing ArrayRecord, with a code path that does not depend on
+    how clip_jax was installed (tfds' own lookup fails for namespace/editable packages)."""
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:  # pylint: disable=invalid-name
-    import sys  # pylint: disable=g-import-not-at-top
-    return epath.Path(os.path.abspath(sys.modules[cls.__module__].__file__))
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        import sys
+
+        return epath.Path(os.path.abspath(sys.modules[cls.__module__].__file__))

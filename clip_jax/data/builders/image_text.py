@@ -26,7 +26,7 @@ import re
 import sys
 import time
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -43,190 +43,216 @@ RESERVED_NAMES = ("clip_demo",)
 
 @dataclasses.dataclass
 class ImportConfig:
-  sources: list[str]
-  val_fraction: float = 0.01
-  max_size: int | None = None
-  image_field: str = "image"
-  caption_field: str = "caption"
-  key_field: str | None = None
-  num_threads: int = 4
-  progress: bool = True  # a line per ~2% of the source files (tfds shows a bar as well)
+    sources: list[str]
+    val_fraction: float = 0.01
+    max_size: int | None = None
+    image_field: str = "image"
+    caption_field: str = "caption"
+    key_field: str | None = None
+    num_threads: int = 4
+    progress: bool = True  # a line per ~2% of the source files (tfds shows a bar as well)
 
 
 def in_validation(key: str, fraction: float) -> bool:
-  """Stable hold-out: the first 8 bytes of sha256(key) as a fraction of 2**64."""
-  if fraction <= 0:
-    return False
-  h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-  return h < fraction * 2.0**64
+    """Stable hold-out: the first 8 bytes of sha256(key) as a fraction of 2**64."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return h < fraction * 2.0**64
 
 
 def _maybe_downscale(data: bytes, img: Image.Image, max_size: int | None) -> bytes:
-  """Shorter side > max_size: resize (bicubic) so it equals max_size and re-encode."""
-  if not max_size or min(img.size) <= max_size:
-    return data
-  w, h = img.size
-  s = max_size / min(w, h)
-  new = (max(1, round(w * s)), max(1, round(h * s)))
-  with Image.open(io.BytesIO(data)) as src:
-    has_alpha = src.mode in ("RGBA", "LA", "PA") or "transparency" in src.info
+    """Shorter side > max_size: resize (bicubic) so it equals max_size and re-encode."""
+    if not max_size or min(img.size) <= max_size:
+        return data
+    w, h = img.size
+    s = max_size / min(w, h)
+    new = (max(1, round(w * s)), max(1, round(h * s)))
+    with Image.open(io.BytesIO(data)) as src:
+        has_alpha = src.mode in ("RGBA", "LA", "PA") or "transparency" in src.info
+        if has_alpha:
+            out_img = src.convert("RGBA").resize(new, Image.Resampling.BICUBIC)
+        else:
+            out_img = img.resize(new, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
     if has_alpha:
-      out_img = src.convert("RGBA").resize(new, Image.Resampling.BICUBIC)
+        out_img.save(buf, "PNG", optimize=False)
     else:
-      out_img = img.resize(new, Image.Resampling.BICUBIC)
-  buf = io.BytesIO()
-  if has_alpha:
-    out_img.save(buf, "PNG", optimize=False)
-  else:
-    out_img.save(buf, "JPEG", quality=95)
-  return buf.getvalue()
+        out_img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
 
 
 @dataclasses.dataclass
 class ImportStats:
-  """Counts kept by the generator across both split passes."""
-  written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
-  image_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-  reencoded: int = 0
-  notes: list = dataclasses.field(default_factory=list)
+    """Counts kept by the generator across both split passes."""
 
-  def skip(self, reason: str, origin: str):
-    kind = reason.split(":", 1)[0]
-    self.skipped[kind] += 1
-    if len(self.examples[kind]) < 5:
-      self.examples[kind].append(f"{origin} ({reason})" if kind != reason else origin)
+    written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    image_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    reencoded: int = 0
+    notes: list = dataclasses.field(default_factory=list)
+
+    def skip(self, reason: str, origin: str):
+        kind = reason.split(":", 1)[0]
+        self.skipped[kind] += 1
+        if len(self.examples[kind]) < 5:
+            self.examples[kind].append(f"{origin} ({reason})" if kind != reason else origin)
 
 
 class ImageText(common.Builder, skip_registration=True):
-  """Base builder; `make_builder(name, ...)` gives it the dataset's name."""
+    """Base builder; `make_builder(name, ...)` gives it the dataset's name."""
 
-  VERSION = tfds.core.Version(VERSION)
-  RELEASE_NOTES = {str(VERSION): "Import of image-caption pairs (original encoded bytes)."}
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES = {str(VERSION): "Import of image-caption pairs (original encoded bytes)."}
 
-  def __init__(self, *, import_config: ImportConfig | None = None, **kwargs):
-    self._import = import_config
-    self.stats = ImportStats()
-    super().__init__(**kwargs)
+    def __init__(self, *, import_config: ImportConfig | None = None, **kwargs):
+        self._import = import_config
+        self.stats = ImportStats()
+        super().__init__(**kwargs)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    meta = tfds.core.MetadataDict()
-    if self._import is not None:
-      meta.update({"sources": self._import.sources[:1000],
-                   "num_sources": len(self._import.sources),
-                   "val_fraction": self._import.val_fraction,
-                   "max_size": self._import.max_size})
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="Image-caption pairs imported by clip_jax.data.prepare.",
-        features=tfds.features.FeaturesDict(common.text_features()),
-        metadata=meta,
-        disable_shuffling=True,
+    def _info(self) -> tfds.core.DatasetInfo:
+        meta = tfds.core.MetadataDict()
+        if self._import is not None:
+            meta.update(
+                {
+                    "sources": self._import.sources[:1000],
+                    "num_sources": len(self._import.sources),
+                    "val_fraction": self._import.val_fraction,
+                    "max_size": self._import.max_size,
+                }
+            )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Image-caption pairs imported by clip_jax.data.prepare.",
+            features=tfds.features.FeaturesDict(common.text_features()),
+            metadata=meta,
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        if self._import is None:
+            raise DataError(
+                f"dataset {self.name!r} can only be read here; import it with "
+                "`python -m clip_jax.data.prepare --source=... --name=...`"
+            )
+        # tfds cannot write an empty split: look for one usable example of each split first
+        # (stops at the first hit, so this reads ~1/val_fraction examples, not the dataset).
+        wanted = ["train"] + (["validation"] if self._import.val_fraction > 0 else [])
+        found = self._find_first_good(wanted)
+        if not found.get("train"):
+            reasons = ", ".join(f"{n} {r}" for r, n in found["_reasons"].items()) or "no examples"
+            raise DataError(
+                f"no usable training example in {self._import.sources[0]}"
+                f"{' and the other sources' if len(self._import.sources) > 1 else ''}"
+                f" ({reasons})"
+            )
+        if "validation" in wanted and not found.get("validation"):
+            self.stats.notes.append("no example fell in the validation split; not written")
+        return {split: self._generate_examples(split) for split in wanted if found.get(split)}
+
+    def _find_first_good(self, wanted: list[str]) -> dict:
+        cfg, found, reasons = self._import, {}, collections.Counter()
+        for path in cfg.sources:
+            for cand in sources_lib.iter_source(
+                path, cfg.image_field, cfg.caption_field, cfg.key_field
+            ):
+                split = "validation" if in_validation(cand.key, cfg.val_fraction) else "train"
+                if found.get(split):
+                    continue
+                example, note = self._check(cand)
+                if example is None:
+                    reasons[note.split(":", 1)[0]] += 1
+                    continue
+                found[split] = True
+                if all(found.get(w) for w in wanted):
+                    return found
+        found["_reasons"] = reasons
+        return found
+
+    def _check(self, cand: sources_lib.Candidate) -> tuple:
+        """-> (example, None) or (None, reason). Runs in a thread pool (PIL frees the GIL)."""
+        if cand.problem:
+            return None, cand.problem
+        captions = [c for c in cand.captions if c.strip()]
+        if not captions:
+            return None, "empty caption"
+        try:
+            data = cand.load_image()
+        except OSError as e:
+            return None, f"unreadable image file: {e.strerror or e}"
+        if not data:
+            return None, "empty image file"
+        try:
+            # A reduced-size JPEG decode still reads every byte of the entropy stream.
+            img = images.decode_rgb(data, min_size=None if self._import.max_size else 64)
+        except images.BadImage as e:
+            return None, str(e)
+        out = _maybe_downscale(data, img, self._import.max_size)
+        return {"image": out, "caption": captions, "key": cand.key}, (
+            "reencoded" if out is not data else None
+        )
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        cfg = self._import
+        want_val = split == "validation"
+        stats = self.stats
+        t0 = time.time()
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads))
+        try:
+            for si, path in enumerate(cfg.sources):
+                cands = sources_lib.iter_source(
+                    path, cfg.image_field, cfg.caption_field, cfg.key_field
+                )
+                ordinal = itertools.count()
+                mine = (c for c in cands if in_validation(c.key, cfg.val_fraction) == want_val)
+                while True:
+                    chunk = list(itertools.islice(mine, 64))
+                    if not chunk:
+                        break
+                    for cand, (example, note) in zip(chunk, pool.map(self._check, chunk)):
+                        n = next(ordinal)
+                        if example is None:
+                            stats.skip(note, cand.origin)
+                            continue
+                        if note == "reencoded":
+                            stats.reencoded += 1
+                        stats.written[split] += 1
+                        stats.image_bytes[split] += len(example["image"])
+                        yield f"{si:06d}:{n:09d}", example
+                if (
+                    cfg.progress
+                    and len(cfg.sources) > 1
+                    and (
+                        (si + 1) % max(1, len(cfg.sources) // 50) == 0 or si + 1 == len(cfg.sources)
+                    )
+                ):
+                    print(
+                        f"\n[{split}] {si + 1}/{len(cfg.sources)} source files read: "
+                        f"{stats.written[split]} written, {sum(stats.skipped.values())} skipped so "
+                        f"far, {time.time() - t0:.0f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_builder(
+    name: str, data_dir: str, config: ImportConfig | None = None, **kwargs
+) -> ImageText:
+    """An `ImageText` builder writing `data_dir/name/1.0.0` in ArrayRecord."""
+    if not _NAME_RE.match(name or ""):
+        raise DataError(
+            f"invalid dataset name {name!r} (expected lower_snake_case, e.g. 'my_captions')"
+        )
+    if name in RESERVED_NAMES:
+        raise DataError(f"dataset name {name!r} is reserved; choose another --name")
+    cls = types.new_class(
+        "ImageText_" + name,
+        (ImageText,),
+        {"skip_registration": True},
+        lambda ns: ns.update({"name": name, "__module__": __name__}),
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    if self._import is None:
-      raise DataError(f"dataset {self.name!r} can only be read here; import it with "
-                      "`python -m clip_jax.data.prepare --source=... --name=...`")
-    # tfds cannot write an empty split: look for one usable example of each split first
-    # (stops at the first hit, so this reads ~1/val_fraction examples, not the dataset).
-    wanted = ["train"] + (["validation"] if self._import.val_fraction > 0 else [])
-    found = self._find_first_good(wanted)
-    if not found.get("train"):
-      reasons = ", ".join(f"{n} {r}" for r, n in found["_reasons"].items()) or "no examples"
-      raise DataError(f"no usable training example in {self._import.sources[0]}"
-                      f"{' and the other sources' if len(self._import.sources) > 1 else ''}"
-                      f" ({reasons})")
-    if "validation" in wanted and not found.get("validation"):
-      self.stats.notes.append("no example fell in the validation split; not written")
-    return {split: self._generate_examples(split) for split in wanted if found.get(split)}
-
-  def _find_first_good(self, wanted: list[str]) -> dict:
-    cfg, found, reasons = self._import, {}, collections.Counter()
-    for path in cfg.sources:
-      for cand in sources_lib.iter_source(path, cfg.image_field, cfg.caption_field,
-                                          cfg.key_field):
-        split = "validation" if in_validation(cand.key, cfg.val_fraction) else "train"
-        if found.get(split):
-          continue
-        example, note = self._check(cand)
-        if example is None:
-          reasons[note.split(":", 1)[0]] += 1
-          continue
-        found[split] = True
-        if all(found.get(w) for w in wanted):
-          return found
-    found["_reasons"] = reasons
-    return found
-
-  def _check(self, cand: sources_lib.Candidate) -> tuple:
-    """-> (example, None) or (None, reason). Runs in a thread pool (PIL frees the GIL)."""
-    if cand.problem:
-      return None, cand.problem
-    captions = [c for c in cand.captions if c.strip()]
-    if not captions:
-      return None, "empty caption"
-    try:
-      data = cand.load_image()
-    except OSError as e:
-      return None, f"unreadable image file: {e.strerror or e}"
-    if not data:
-      return None, "empty image file"
-    try:
-      # A reduced-size JPEG decode still reads every byte of the entropy stream.
-      img = images.decode_rgb(data, min_size=None if self._import.max_size else 64)
-    except images.BadImage as e:
-      return None, str(e)
-    out = _maybe_downscale(data, img, self._import.max_size)
-    return {"image": out, "caption": captions, "key": cand.key}, ("reencoded" if out is not
-                                                                  data else None)
-
-  def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-    cfg = self._import
-    want_val = split == "validation"
-    stats = self.stats
-    t0 = time.time()
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads))
-    try:
-      for si, path in enumerate(cfg.sources):
-        cands = sources_lib.iter_source(path, cfg.image_field, cfg.caption_field,
-                                        cfg.key_field)
-        ordinal = itertools.count()
-        mine = (c for c in cands if in_validation(c.key, cfg.val_fraction) == want_val)
-        while True:
-          chunk = list(itertools.islice(mine, 64))
-          if not chunk:
-            break
-          for cand, (example, note) in zip(chunk, pool.map(self._check, chunk)):
-            n = next(ordinal)
-            if example is None:
-              stats.skip(note, cand.origin)
-              continue
-            if note == "reencoded":
-              stats.reencoded += 1
-            stats.written[split] += 1
-            stats.image_bytes[split] += len(example["image"])
-            yield f"{si:06d}:{n:09d}", example
-        if cfg.progress and len(cfg.sources) > 1 and (
-            (si + 1) % max(1, len(cfg.sources) // 50) == 0 or si + 1 == len(cfg.sources)):
-          print(f"\n[{split}] {si + 1}/{len(cfg.sources)} source files read: "
-                f"{stats.written[split]} written, {sum(stats.skipped.values())} skipped so "
-                f"far, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    finally:
-      pool.shutdown(wait=False, cancel_futures=True)
-
-
-def make_builder(name: str, data_dir: str, config: ImportConfig | None = None,
-                 **kwargs) -> ImageText:
-  """An `ImageText` builder writing `data_dir/name/1.0.0` in ArrayRecord."""
-  if not _NAME_RE.match(name or ""):
-    raise DataError(f"invalid dataset name {name!r} (expected lower_snake_case, e.g. "
-                    "'my_captions')")
-  if name in RESERVED_NAMES:
-    raise DataError(f"dataset name {name!r} is reserved; choose another --name")
-  cls = types.new_class(
-      "ImageText_" + name, (ImageText,), {"skip_registration": True},
-      lambda ns: ns.update({"name": name, "__module__": __name__}))
-  return cls(data_dir=data_dir, import_config=config, file_format="array_record", **kwargs)
+    return cls(data_dir=data_dir, import_config=config, file_format="array_record", **kwargs)
