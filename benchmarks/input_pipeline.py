@@ -19,15 +19,17 @@ import io
 import os
 import random
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
 
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clip_jax.data import tokenizer as tok_lib
+from clip_jax.data.pipeline import train_loader
+from clip_jax.data.prepare import prepare_image_text
 
 WORDS = (
     "a photo of the dog cat man woman child car tree house street beach mountain "
@@ -74,8 +76,6 @@ def make_shard(path: str, n: int, seed: int = 0) -> tuple[int, list[str]]:
 
 
 def time_loader(name, data_dir, tok, workers, batch_size, batches, image_size):
-    from clip_jax.data.pipeline import train_loader
-
     t0 = time.perf_counter()
     loader = train_loader(
         name,
@@ -111,12 +111,6 @@ def main(argv=None):
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--data_dir", default=None, help="keep the prepared data here")
     args = p.parse_args(argv)
-
-    import tensorflow_datasets as tfds
-
-    from clip_jax.data import tokenizer as tok_lib
-    from clip_jax.data.prepare import prepare_image_text
-
     tfds.disable_progress_bar()
 
     work = tempfile.mkdtemp(prefix="clip_jax_bench_")

@@ -8,11 +8,13 @@ each other, not with accelerators).
 
     python benchmarks/loss_memory.py                      # B = 4096, 16384, 32768, D = 512
     python benchmarks/loss_memory.py --batches=4096 --kind=sigmoid
+    python benchmarks/loss_memory.py --impls=ring --chunk_size=0,1024 --batches=32768
 
-The dense form runs unsharded on one device. A timing whose host footprint (per-device temp x
-devices it runs on, plus inputs) exceeds ``--mem_budget_gib`` (default: 60% of MemAvailable)
-is skipped and the table says how much it would need; its memory column still comes from
-compiling alone.
+The ring gives one row per ``--chunk_size`` (0 = one chunk per tile, the plain ring; a size
+``c`` folds each ``b x b`` tile in ``c x c`` chunks). The dense form runs unsharded on one
+device. A timing whose host footprint (per-device temp x devices it runs on, plus inputs)
+exceeds ``--mem_budget_gib`` (default: 60% of MemAvailable) is skipped and the table says how
+much it would need; its memory column still comes from compiling alone.
 """
 
 import argparse
@@ -26,8 +28,12 @@ _p.add_argument("--width", type=int, default=512)
 _p.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
 _p.add_argument("--kind", default="softmax", choices=("softmax", "sigmoid"))
 _p.add_argument("--impls", default="dense,gather,ring")
+_p.add_argument(
+    "--chunk_size", default="0,1024", help="comma-separated ring chunk sizes (0 = whole tile)"
+)
 _p.add_argument("--mem_budget_gib", type=float, default=None)
 _p.add_argument("--no_time", action="store_true", help="compile only (memory column only)")
+_p.add_argument("--repeats", type=int, default=1, help="timed evaluations; the best is shown")
 ARGS = _p.parse_args()
 
 # XLA reads the flag once, when the backend starts: set it before jax is imported.
@@ -37,6 +43,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -63,13 +70,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024**2:.1f} MiB"
 
 
-def _compile(kind: str, impl: str, batch: int, width: int, mesh):
+def _compile(kind: str, impl: str, batch: int, width: int, mesh, chunk_size: int):
     if impl == "dense":
         fn = losses.make_loss(kind)
         emb_sh = scalar_sh = SingleDeviceSharding(jax.devices()[0])
         n_dev = 1
     else:
-        fn = losses.make_loss(kind, mesh, impl)
+        fn = losses.make_loss(kind, mesh, impl, chunk_size=chunk_size)
         emb_sh = sharding.batch_sharding(mesh)
         scalar_sh = sharding.replicated(mesh)
         n_dev = mesh.size
@@ -106,6 +113,9 @@ def _inputs(batch, width, emb_sh, scalar_sh):
 def main():
     batches = [int(b) for b in ARGS.batches.split(",")]
     impls = ARGS.impls.split(",")
+    chunk_sizes = [int(c) for c in ARGS.chunk_size.split(",")]
+    # (impl, chunk size) per row: the ring once per chunk size, the others once.
+    rows = [(impl, c) for impl in impls for c in (chunk_sizes if impl == "ring" else [0])]
     budget = (
         ARGS.mem_budget_gib * GIB if ARGS.mem_budget_gib is not None else 0.6 * _mem_available()
     )
@@ -119,26 +129,30 @@ def main():
     )
     print(
         "# temp = compiled.memory_analysis().temp_size_in_bytes per device "
-        "(dense: unsharded, one device); time = one evaluation after one warm-up"
+        f"(dense: unsharded, one device); time = best of {ARGS.repeats} evaluation(s) after "
+        "one warm-up"
     )
     header = (
-        f"| {'global B':>9} | {'impl':<15} | {'b_local':>7} | {'temp / device':>14} "
-        f"| {'largest loss matrix':>26} | {'time':>24} |"
+        f"| {'global B':>9} | {'impl':<24} | {'b_local':>7} | {'temp / device':>14} "
+        f"| {'largest loss matrix':>27} | {'time':>24} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for batch in batches:
-        for impl in impls:
-            compiled, emb_sh, scalar_sh, n_dev = _compile(ARGS.kind, impl, batch, ARGS.width, mesh)
+        for impl, chunk_size in rows:
+            compiled, emb_sh, scalar_sh, n_dev = _compile(
+                ARGS.kind, impl, batch, ARGS.width, mesh, chunk_size
+            )
             temp = compiled.memory_analysis().temp_size_in_bytes
             b = batch if impl == "dense" else batch // n
-            cols = {"dense": batch, "gather": batch, "ring": b}[impl]
-            largest = f"{b} x {cols} ({_fmt_bytes(4 * b * cols)})"
+            c = min(chunk_size or b, b)  # the ring clamps a chunk larger than its tile
+            rows_cols = {"dense": (b, batch), "gather": (b, batch), "ring": (c, c)}[impl]
+            largest = f"{rows_cols[0]} x {rows_cols[1]} ({_fmt_bytes(4 * math.prod(rows_cols))})"
             need = temp * n_dev + 4 * 2 * batch * ARGS.width * 3
             label = {
                 "dense": "dense (1 dev)",
                 "gather": f"gather ({n} dev)",
-                "ring": f"ring ({n} dev)",
+                "ring": f"ring ({n} dev)" if c == b else f"ring, chunk {c} ({n} dev)",
             }[impl]
             if ARGS.no_time:
                 timing = "not run"
@@ -148,13 +162,16 @@ def main():
                 args = _inputs(batch, ARGS.width, emb_sh, scalar_sh)
                 call = functools.partial(compiled, *args)
                 jax.block_until_ready(call())  # warm-up
-                t0 = time.perf_counter()
-                jax.block_until_ready(call())
-                timing = f"{time.perf_counter() - t0:.3f} s"
+                best = float("inf")
+                for _ in range(ARGS.repeats):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(call())
+                    best = min(best, time.perf_counter() - t0)
+                timing = f"{best:.3f} s"
                 del args
             print(
-                f"| {batch:>9} | {label:<15} | {b:>7} | {_fmt_bytes(temp):>14} | "
-                f"{largest:>26} | {timing:>24} |",
+                f"| {batch:>9} | {label:<24} | {b:>7} | {_fmt_bytes(temp):>14} | "
+                f"{largest:>27} | {timing:>24} |",
                 flush=True,
             )
             del compiled

@@ -83,19 +83,31 @@ def main(_):
     model = step_lib.build_model(config, FLAGS.vocab_size, FLAGS.vocab_size - 1)
     tx = optim.make_optimizer(config.optim, config.total_steps)
     schedule = optim.schedule(config.optim, config.total_steps)
-    loss_fn = losses.make_loss(config.loss.kind, mesh, config.loss.impl)
+    loss_fn = losses.make_loss(
+        config.loss.kind, mesh, config.loss.impl, chunk_size=config.loss.chunk_size
+    )
+    abstract = step_lib.abstract_train_state(model, tx, mesh, config.mesh.rules)
+    shardings = step_lib.state_shardings(abstract)
     if FLAGS.compile_only:  # shapes and shardings only: nothing is allocated
-        shardings = step_lib.state_shardings(model, tx, mesh, config.seed)
-        state = step_lib.abstract_train_state(model, tx, mesh, config.seed)
+        state = abstract
         batch = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
             for k, v in step_lib.dummy_batch(model, config.batch_size).items()
         }
     else:
-        state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
+        state = step_lib.create_train_state(model, tx, abstract, config.seed)
         batch = synthetic_batch(model, config.batch_size, FLAGS.vocab_size, mesh)
-    train_step = step_lib.make_train_step(model, tx, loss_fn, schedule, shardings, mesh)
-    num_params = step_lib.param_count(state.params)
+    train_step = step_lib.make_train_step(
+        model,
+        tx,
+        loss_fn,
+        schedule,
+        shardings,
+        mesh,
+        config.micro_batch_size,
+        config.optim.freeze,
+    )
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -111,6 +123,7 @@ def main(_):
 
     print(
         f"config        {config.model.name}, global batch {config.batch_size}, "
+        f"micro-batch {config.micro_batch_size or 'off'} per device, "
         f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
         f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
         f"fsdp={config.mesh.fsdp} model={config.mesh.model}"

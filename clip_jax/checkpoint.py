@@ -1,6 +1,6 @@
 """Orbax checkpoints that hold everything needed to resume exactly.
 
-Each step directory has two items: `state` (parameters, optimizer state, step, RNG; saved
+Each step directory has two items: `state` (step, parameters, optimizer state, model state; saved
 asynchronously from the sharded arrays) and `loader` (the data loader's position, as JSON).
 Orbax writes a step into a temporary directory and renames it only when every item and
 every host is done, so a save killed half-way is never listed by `latest_step()` and a

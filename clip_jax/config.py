@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from typing import Any
 
 import ml_collections
 
+from clip_jax import losses, sharding
+from clip_jax.data.tokenizer import TOKENIZER_KINDS
+from clip_jax.eval.schema import config_schema
+from clip_jax.models.layers import REMAT_POLICIES
+
 LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("dense", "gather", "ring")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 FREEZE = ("", "image", "text")
 
 
@@ -31,6 +34,9 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 256  # global, over all devices and hosts
+    # Gradient caching (clip_jax/grad_cache.py): examples PER DEVICE embedded and
+    # back-propagated at a time; the loss still sees the whole global batch. 0 = off.
+    c.micro_batch_size = 0
     c.total_steps = 1000
     c.log_every = 10
     c.max_bad_steps = 5  # non-finite steps in a row before the run stops
@@ -46,7 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "clip_demo"
-    c.data.data_dir = ""  # '' = ~/tensorflow_datasets
+    c.data.data_dir = ""  # '' = $TFDS_DATA_DIR, else ~/tensorflow_datasets (data.paths)
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.crop_scale_min = 0.9
@@ -55,6 +61,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.prefetch = 2
 
     c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "sentencepiece"  # or 'clip_bpe': the CLIP BPE of pretrained models
     c.tokenizer.path = ""  # '' = the demo tokenizer (clip_demo only)
     c.tokenizer.context_length = 77
     c.tokenizer.lowercase = True
@@ -62,6 +69,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"
     c.loss.impl = "gather"
+    c.loss.chunk_size = 1024  # impl='ring': fold each b x b tile in c x c chunks; 0 = whole tile
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4
@@ -81,6 +89,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.model = 1
+    c.mesh.rules = "fsdp"  # 'fsdp': parameters split by sharding.logical_rules; 'dp': replicated
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
@@ -89,8 +98,6 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     # Evaluators own their keys (every_steps, batch_size, tasks and one group per kind).
-    from clip_jax.eval.evaluators import config_schema  # noqa: PLC0415
-
     c.eval = config_schema()
     return c
 
@@ -145,12 +152,22 @@ def validate(
     _choice("optim.mu_dtype", config.optim.mu_dtype, DTYPES)
     _choice("model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
     _choice("optim.freeze", config.optim.freeze, FREEZE)
+    _choice("mesh.rules", config.mesh.rules, sharding.STRATEGIES)
+    _choice("tokenizer.kind", config.tokenizer.kind, TOKENIZER_KINDS)
     if config.loss.kind == "sigmoid" and not config.model.use_logit_bias:
         raise ConfigError("loss.kind='sigmoid' needs a learned bias: set model.use_logit_bias=True")
+    if config.micro_batch_size < 0:
+        raise ConfigError(
+            f"micro_batch_size={config.micro_batch_size} must be >= 0 (0 = gradient caching off)"
+        )
     for key in ("batch_size", "total_steps", "log_every", "eval.batch_size"):
         value = config[key] if "." not in key else config.eval.batch_size
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if config.loss.chunk_size < 0:
+        raise ConfigError(
+            f"loss.chunk_size={config.loss.chunk_size} must be >= 0 (0 = one chunk per ring tile)"
+        )
     if not 0 < config.data.crop_scale_min <= config.data.crop_scale_max <= 1:
         raise ConfigError(
             "need 0 < data.crop_scale_min <= data.crop_scale_max <= 1, got "
@@ -188,11 +205,34 @@ def validate(
             raise ConfigError(
                 f"batch_size={config.batch_size} is not divisible by the {num_processes} processes"
             )
+        _check_micro_batch(config.micro_batch_size, config.batch_size, batch_shards)
+        if config.loss.impl == "ring":  # the validation loss runs on eval.batch_size batches
+            batches = {"batch_size": config.batch_size, "eval.batch_size": config.eval.batch_size}
+            for key, batch in batches.items():
+                problem = batch % batch_shards == 0 and losses.chunk_size_error(
+                    config.loss.chunk_size, batch // batch_shards
+                )
+                if problem:
+                    raise ConfigError(
+                        f"loss.{problem}; per-device batch = {key} {batch} / {batch_shards} "
+                        "devices (mesh data x fsdp)"
+                    )
 
 
-def resolve_data_dir(config: ml_collections.ConfigDict) -> str:
-    """The tfds data directory of a run: `data.data_dir`, or tfds's default."""
-    return config.data.data_dir or os.path.expanduser("~/tensorflow_datasets")
+def _check_micro_batch(micro: int, batch_size: int, batch_shards: int) -> None:
+    per_device = batch_size // batch_shards
+    if micro == 0 or per_device % micro == 0:
+        return
+    divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+    nearest = sorted(
+        {max([d for d in divisors if d < micro], default=1)}
+        | {min([d for d in divisors if d > micro], default=per_device)}
+    )
+    raise ConfigError(
+        f"micro_batch_size={micro} (per device) does not divide the per-device batch "
+        f"{per_device} (batch_size={batch_size} / {batch_shards} devices): use "
+        f"{' or '.join(map(str, nearest))}, or 0 to turn gradient caching off"
+    )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -259,6 +299,7 @@ def smoke_variant(c: ml_collections.ConfigDict, model_name: str = "tiny-vit"):
     c.tokenizer.path = ""
     c.tokenizer.context_length = 16
     c.batch_size = 16
+    c.micro_batch_size = min(c.micro_batch_size, 1)  # still 2 micro-batches per device
     c.total_steps = 4
     c.log_every = 1
     c.optim.warmup_steps = 1

@@ -17,8 +17,18 @@ import sys
 
 import jax
 import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
 
-from clip_jax.eval import evaluators as ev
+from clip_jax import config as config_lib
+from clip_jax import step as step_lib
+from clip_jax import train as train_lib
+from clip_jax.checkpoint import Checkpointer
+from clip_jax.data import paths
+from clip_jax.eval import runner
+from clip_jax.eval.evaluators import build_evaluators
+from clip_jax.eval.results import flat_metrics
+from clip_jax.metric_writers import MetricWriter
 
 
 class EvaluationError(ValueError):
@@ -46,8 +56,6 @@ def load_config(
 ) -> ml_collections.ConfigDict:
     if config is not None:
         return config
-    from clip_jax import config as config_lib  # noqa: PLC0415
-
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise EvaluationError(f"no --config given and {path} does not exist; pass --config=FILE")
@@ -62,15 +70,10 @@ def evaluate_checkpoint(
     tasks: str | None = None,
 ) -> list[dict]:
     """Restores ``workdir``'s checkpoint at ``step`` (latest if None) and runs the evaluators."""
-    from clip_jax import config as config_lib  # noqa: PLC0415
-    from clip_jax import optim, sharding  # noqa: PLC0415
-    from clip_jax import step as step_lib  # noqa: PLC0415
-    from clip_jax.checkpoint import Checkpointer  # noqa: PLC0415
-    from clip_jax.metric_writers import MetricWriter  # noqa: PLC0415
-
     config = load_config(workdir, config)
+    # The cheap checks come first: `setup` below loads (for the demo: trains) the tokenizer.
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    if not ev.build_evaluators(config.eval, tasks):
+    if not build_evaluators(config.eval, tasks):
         raise EvaluationError(
             "no evaluation tasks: set eval.tasks in the config or pass --tasks=KIND:DATASET,..."
         )
@@ -82,37 +85,32 @@ def evaluate_checkpoint(
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:
         step = checkpoint_step(ckpt.all_steps(), step, ckpt_dir)
-        from clip_jax.data.tokenizer import load_tokenizer  # noqa: PLC0415
-
-        tokenizer = load_tokenizer(
-            config.tokenizer.path,
-            dataset=config.data.name,
-            data_dir=config_lib.resolve_data_dir(config),
-            context_length=config.tokenizer.context_length,
-            lowercase=config.tokenizer.lowercase,
-        )
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
-        model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
-        tx = optim.make_optimizer(config.optim, config.total_steps)
-        abstract = step_lib.abstract_train_state(model, tx, mesh, config.seed)
+        run = train_lib.setup(config, workdir)
+        abstract = step_lib.abstract_train_state(run.model, run.tx, run.mesh, config.mesh.rules)
         state, _ = ckpt.restore(step, abstract)
     finally:
         ckpt.close()
-    results = ev.evaluate_state(
-        config, model, state.params, state.model_state, tokenizer, mesh, step, workdir, tasks
+    results = runner.evaluate_state(
+        config.eval,
+        run.model,
+        state.params,
+        state.model_state,
+        run.tokenizer,
+        run.mesh,
+        step,
+        data_dir=paths.resolve_data_dir(config.eval.data_dir or config.data.data_dir),
+        workdir=workdir,
+        tasks=tasks,
     )
     writer = MetricWriter(workdir, config.total_steps)
     try:
-        writer.write(step, ev.flat_metrics(results), console=False)
+        writer.write(step, flat_metrics(results), console=False)
     finally:
         writer.close()
     return results
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file(
         "config",
         None,
@@ -132,10 +130,7 @@ def main(argv=None) -> int:
         f = flags.FLAGS
         try:
             evaluate_checkpoint(f.config, f.workdir, f.step, f.tasks)
-        except (
-            ValueError,
-            FileNotFoundError,
-        ) as e:  # ConfigError and EvaluationError are ValueErrors
+        except (ValueError, FileNotFoundError) as e:  # ConfigError, EvaluationError: ValueErrors
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

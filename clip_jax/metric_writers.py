@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+from tensorboardX import SummaryWriter  # TensorBoard files without importing TensorFlow
 
 
 class MetricWriter:
@@ -20,8 +21,6 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-        from tensorboardX import SummaryWriter  # no TensorFlow import on the training path
-
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float], *, console: bool = True) -> None:
@@ -43,16 +42,11 @@ class MetricWriter:
         eta = (self._total - step) / rate if rate > 0 else float("nan")
         shown = " ".join(
             f"{k}={record[k]:.4g}"
-            for k in ("loss", "i2t_acc", "t2i_acc", "temperature", "lr", "samples_per_s", "mfu")
+            for k in ("loss", "i2t_acc", "t2i_acc", "logit_scale", "lr", "samples_per_s", "mfu")
             if k in record
         )
         eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--"
         return f"step {step}/{self._total} ({100 * step / self._total:.1f}%) {shown} eta {eta_text}"
-
-    def flush(self) -> None:
-        if self._active:
-            self._jsonl.flush()
-            self._tb.flush()
 
     def close(self) -> None:
         if self._active:

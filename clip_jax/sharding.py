@@ -23,11 +23,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax.models.layers import LOGICAL_AXES
+
 __all__ = [
     "BATCH_AXES",
     "MESH_AXES",
     "STRATEGIES",
-    "LOGICAL_NAMES",
     "make_mesh",
     "logical_rules",
     "param_shardings",
@@ -39,22 +40,6 @@ __all__ = [
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 STRATEGIES = ("dp", "fsdp")
-# Logical names the models attach to parameters (docs/architecture.md).
-LOGICAL_NAMES = (
-    "embed",
-    "mlp",
-    "heads",
-    "head_dim",
-    "vocab",
-    "position",
-    "proj",
-    "conv_in",
-    "conv_out",
-    "conv_h",
-    "conv_w",
-    "norm",
-)
-
 Rules = tuple[tuple[str, Any], ...]
 
 
@@ -147,9 +132,8 @@ def logical_rules(strategy: str) -> Rules:
     The result can also be given to ``flax.linen.logical_to_mesh_sharding`` (which applies the
     same first-free-rule order but without the divisibility fall-back).
     """
-    names = LOGICAL_NAMES
     if strategy == "dp":
-        return tuple((name, None) for name in names)
+        return tuple((name, None) for name in LOGICAL_AXES)
     if strategy == "fsdp":
         return (
             ("mlp", "model"),
@@ -273,3 +257,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding on ``mesh``."""
     return NamedSharding(mesh, P())
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """Host batch -> dict of global ``jax.Array``s, dim 0 sharded over the mesh's batch axes.
+
+    Each process passes its own rows (the data loader's host batch); the global batch is
+    their union, placed on the devices each process holds
+    (``jax.make_array_from_process_local_data``).
+    """
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    sharding = NamedSharding(mesh, P(axes))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }

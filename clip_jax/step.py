@@ -14,10 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from clip_jax import sharding
+from clip_jax import grad_cache, sharding
 from clip_jax.models import CLIP, create_model
 
 
@@ -29,7 +28,6 @@ class TrainState:
     # Variable collections other than params (e.g. frozen BatchNorm statistics of the
     # ResNet tower): passed to the model unchanged.
     model_state: Any
-    rng: jax.Array
     bad_steps: jax.Array  # non-finite steps in a row
 
 
@@ -58,7 +56,7 @@ def dummy_batch(model: CLIP, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStr
     }
 
 
-def _init_fn(model: CLIP, tx: optax.GradientTransformation, seed: int, unbox: bool):
+def _init_fn(model: CLIP, tx: optax.GradientTransformation, unbox: bool):
     def init(rng):
         batch = dummy_batch(model)
         variables = model.init(
@@ -75,53 +73,70 @@ def _init_fn(model: CLIP, tx: optax.GradientTransformation, seed: int, unbox: bo
             params=params,
             opt_state=tx.init(params),
             model_state=variables,
-            rng=jax.random.key_data(jax.random.key(seed)),
             bad_steps=jnp.zeros((), jnp.int32),
         )
 
     return init
 
 
-def state_shardings(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int = 0):
-    """NamedShardings for every leaf of the TrainState, from the parameters' logical axes.
+def abstract_train_state(
+    model: CLIP, tx: optax.GradientTransformation, mesh, rules: str = "fsdp"
+) -> TrainState:
+    """The state's shapes, dtypes and shardings, without allocating it: the target of a
+    restore and the layout `create_train_state` initialises into.
 
+    Shardings come from the parameters' logical axes under `sharding.logical_rules(rules)`.
     The optimizer moments are created from the boxed parameters, so they inherit the same
     logical names and land sharded exactly like the parameter they belong to.
     """
-    boxed = jax.eval_shape(_init_fn(model, tx, seed, unbox=False), jax.random.key(0))
-    return sharding.param_shardings(boxed, mesh, sharding.logical_rules("fsdp"))
-
-
-def abstract_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int):
-    """The state's shapes, dtypes and shardings, without allocating it (a restore target)."""
-    shardings = state_shardings(model, tx, mesh, seed)
-    shapes = jax.eval_shape(_init_fn(model, tx, seed, unbox=True), jax.random.key(seed))
+    boxed = jax.eval_shape(_init_fn(model, tx, unbox=False), jax.random.key(0))
+    shardings = sharding.param_shardings(boxed, mesh, sharding.logical_rules(rules))
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
     )
 
 
-def create_train_state(model: CLIP, tx: optax.GradientTransformation, mesh, seed: int):
-    """Initialises the state directly in its sharded layout (no full copy on one device)."""
-    shardings = state_shardings(model, tx, mesh, seed)
-    init = jax.jit(_init_fn(model, tx, seed, unbox=True), out_shardings=shardings)
-    return init(jax.random.key(seed)), shardings
+def state_shardings(abstract_state: TrainState) -> TrainState:
+    """The NamedSharding of every leaf of an `abstract_train_state`."""
+    return jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def create_train_state(
+    model: CLIP, tx: optax.GradientTransformation, abstract_state: TrainState, seed: int
+) -> TrainState:
+    """Initialises the state directly in `abstract_state`'s layout (no full copy on one device)."""
+    init = jax.jit(_init_fn(model, tx, unbox=True), out_shardings=state_shardings(abstract_state))
+    return init(jax.random.key(seed))
 
 
 def _tree_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def make_loss_and_metrics(model: CLIP, loss_fn: Callable) -> Callable:
-    def compute(params, model_state, batch):
-        out = model.apply({"params": params, **model_state}, batch["image"], batch["text"])
+def make_objective(loss_fn: Callable) -> Callable:
+    """`objective(model_output) -> (loss, metrics)` on the output dict of `CLIP.__call__`."""
+
+    def objective(out):
         loss, metrics = loss_fn(
             out["image_emb"], out["text_emb"], out["logit_scale"], out.get("logit_bias")
         )
-        metrics = {**metrics, "temperature": out["logit_scale"]}
+        metrics = {**metrics, "logit_scale": out["logit_scale"]}
         if "logit_bias" in out:
             metrics["logit_bias"] = out["logit_bias"]
         return loss, metrics
+
+    return objective
+
+
+def make_loss_and_metrics(model: CLIP, loss_fn: Callable) -> Callable:
+    objective = make_objective(loss_fn)
+
+    def compute(params, model_state, batch):
+        return objective(
+            model.apply({"params": params, **model_state}, batch["image"], batch["text"])
+        )
 
     return compute
 
@@ -133,14 +148,23 @@ def make_train_step(
     schedule: optax.Schedule,
     shardings: TrainState,
     mesh,
+    micro_batch_size: int = 0,
+    frozen_tower: str = "",
 ):
-    """One jit-compiled optimisation step with explicit shardings and a donated state."""
-    compute = make_loss_and_metrics(model, loss_fn)
+    """One jit-compiled optimisation step with explicit shardings and a donated state.
+
+    `micro_batch_size` > 0 (rows per device): the same gradient by gradient caching
+    (`clip_jax.grad_cache`); `frozen_tower` ('image'/'text') then skips that tower's backward.
+    """
+    if micro_batch_size:
+        value_and_grad = grad_cache.make_value_and_grad(
+            model, make_objective(loss_fn), mesh, micro_batch_size, frozen_tower, shardings.params
+        )
+    else:
+        value_and_grad = jax.value_and_grad(make_loss_and_metrics(model, loss_fn), has_aux=True)
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
-        (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(
-            state.params, state.model_state, batch
-        )
+        (loss, metrics), grads = value_and_grad(state.params, state.model_state, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -186,7 +210,3 @@ def make_eval_step(model: CLIP, loss_fn: Callable, shardings: TrainState, mesh):
         in_shardings=(shardings.params, shardings.model_state, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
-
-
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -3,12 +3,14 @@
     python -m clip_jax.train --config=experiments/vit_b32.py[:variant] --workdir=DIR \
         [--config.batch_size=4096 ...]
 
-`train(config, workdir)` is the same run, callable from Python.
+`train(config, workdir)` is the same run, callable from Python. `setup(config, workdir)`
+builds the `Run` that training and `clip_jax.evaluate` share.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -17,14 +19,104 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from ml_collections import config_flags
 
 from clip_jax import config as config_lib
 from clip_jax import flops, losses, optim, sharding
 from clip_jax import step as step_lib
 from clip_jax.checkpoint import Checkpointer
-from clip_jax.data import pipeline
-from clip_jax.data.tokenizer import load_tokenizer
+from clip_jax.data import paths, pipeline, prepare
+from clip_jax.data.tokenizer import Tokenizer, load_tokenizer
 from clip_jax.metric_writers import MetricWriter
+from clip_jax.models import CLIP
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the parts of a run read; built once by `setup`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    data_dir: str
+    tokenizer: Tokenizer
+    model: CLIP
+    mesh: Mesh
+    tx: optax.GradientTransformation
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Everything that can fail on bad input, before anything compiles."""
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    data_dir = paths.resolve_data_dir(config.data.data_dir)
+    tokenizer = load_tokenizer(
+        config.tokenizer.path,
+        dataset=config.data.name,
+        data_dir=data_dir,
+        context_length=config.tokenizer.context_length,
+        lowercase=config.tokenizer.lowercase,
+    )
+    return Run(
+        config=config,
+        workdir=workdir,
+        data_dir=data_dir,
+        tokenizer=tokenizer,
+        model=step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id),
+        mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model),
+        tx=optim.make_optimizer(config.optim, config.total_steps),
+    )
+
+
+def _prepare_training_data(run: Run) -> None:
+    """Process 0 builds the demo dataset if it is missing while the others wait; then every
+    process checks that the training split is there (an error names the prepare command)."""
+    data = run.config.data
+
+    def ensure_prepared():
+        prepare.ensure_prepared(data.name, run.data_dir, splits=(data.train_split,))
+
+    if jax.process_index() == 0:
+        ensure_prepared()
+    multihost_utils.sync_global_devices("clip_jax.train: training data prepared")
+    if jax.process_index() != 0:
+        ensure_prepared()
+
+
+def _train_loader(run: Run) -> pipeline.TrainLoader:
+    c = run.config
+    return pipeline.train_loader(
+        c.data.name,
+        c.data.train_split,
+        run.data_dir,
+        global_batch_size=c.batch_size,
+        image_size=run.model.config.vision.image_size,
+        tokenizer=run.tokenizer,
+        seed=c.seed,
+        crop_scale=(c.data.crop_scale_min, c.data.crop_scale_max),
+        num_workers=c.data.num_workers,
+        prefetch=c.data.prefetch,
+    )
+
+
+def _restore_or_init(
+    run: Run, abstract: step_lib.TrainState, ckpt: Checkpointer, loader: pipeline.TrainLoader
+) -> tuple[step_lib.TrainState, int]:
+    """(state, step): the latest checkpoint (and the loader's position in it), or a fresh
+    state when there is none. Never both: a resume holds one copy of the state."""
+    start = ckpt.latest_step()
+    if start is None:
+        return step_lib.create_train_state(run.model, run.tx, abstract, run.config.seed), 0
+    state, loader_state = ckpt.restore(start, abstract)
+    loader.set_state(loader_state)
+    print(f"resumed from step {start} in {run.workdir}", flush=True)
+    return state, int(start)
 
 
 class _PreemptionFlag:
@@ -39,150 +131,6 @@ class _PreemptionFlag:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def setup(config: ml_collections.ConfigDict):
-    """Everything that can fail on bad input, before anything compiles."""
-    config_lib.validate(config, jax.device_count(), jax.process_count())
-    data_dir = config_lib.resolve_data_dir(config)
-    pipeline.ensure_prepared(config.data.name, data_dir, splits=(config.data.train_split,))
-    tokenizer = load_tokenizer(
-        config.tokenizer.path,
-        dataset=config.data.name,
-        data_dir=data_dir,
-        context_length=config.tokenizer.context_length,
-        lowercase=config.tokenizer.lowercase,
-    )
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model)
-    model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
-    return data_dir, tokenizer, mesh, model
-
-
-def _train_loader(config, data_dir, tokenizer, image_size):
-    return pipeline.train_loader(
-        config.data.name,
-        config.data.train_split,
-        data_dir,
-        global_batch_size=config.batch_size,
-        image_size=image_size,
-        tokenizer=tokenizer,
-        seed=config.seed,
-        crop_scale=(config.data.crop_scale_min, config.data.crop_scale_max),
-        num_workers=config.data.num_workers,
-        prefetch=config.data.prefetch,
-    )
-
-
-def _validation(config, data_dir, tokenizer, model, eval_step, state, mesh) -> dict[str, float]:
-    """Validation-split contrastive loss and in-batch accuracy over its full batches."""
-    loader = pipeline.eval_loader(
-        config.data.name,
-        config.data.eval_split,
-        data_dir,
-        batch_size=config.eval.batch_size,
-        image_size=model.config.vision.image_size,
-        tokenizer=tokenizer,
-    )
-    totals, batches = {}, 0
-    for batch in loader:
-        if not np.all(batch["mask"]):
-            continue  # a padded batch would add fake pairs to the contrastive loss
-        batch = pipeline.to_global({"image": batch["image"], "text": batch["text"]}, mesh)
-        metrics = jax.device_get(eval_step(state.params, state.model_state, batch))
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-        batches += 1
-    return {f"val/{k}": v / batches for k, v in totals.items()} if batches else {}
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) in `workdir`; returns the last logged metrics."""
-    data_dir, tokenizer, mesh, model = setup(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
-
-    tx = optim.make_optimizer(config.optim, config.total_steps)
-    schedule = optim.schedule(config.optim, config.total_steps)
-    loss_fn = losses.make_loss(config.loss.kind, mesh, config.loss.impl)
-    state, shardings = step_lib.create_train_state(model, tx, mesh, config.seed)
-    train_step = step_lib.make_train_step(model, tx, loss_fn, schedule, shardings, mesh)
-    eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
-    loader = _train_loader(config, data_dir, tokenizer, model.config.vision.image_size)
-
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.checkpoint.keep,
-        keep_period=config.checkpoint.keep_period,
-        async_save=config.checkpoint.async_save,
-    )
-    start = ckpt.latest_step()
-    if start is not None:
-        state, loader_state = ckpt.restore(
-            start, step_lib.abstract_train_state(model, tx, mesh, config.seed)
-        )
-        loader.set_state(loader_state)
-        print(f"resumed from step {start} in {workdir}", flush=True)
-    start = int(start or 0)
-
-    writer = MetricWriter(workdir, config.total_steps)
-    preempted = _PreemptionFlag()
-    window = _LogWindow(
-        config.batch_size,
-        jax.device_count(),
-        flops.train_step_flops(model.config, config.batch_size),
-        flops.peak_tflops(jax.devices()[0].device_kind),
-    )
-    last: dict[str, float] = {}
-    pending = None  # (step, metrics) of the previous step, read while this one runs
-    evaluated: dict[str, float] = {}
-    step = start
-    try:
-        while step < config.total_steps:
-            with window.waiting_for_data():
-                host_batch = next(loader)
-            state, metrics = train_step(state, pipeline.to_global(host_batch, mesh))
-            step += 1
-            window.steps += 1
-            if pending is not None:
-                last = _check_and_log(*pending, writer, window, loader, config) or last
-            pending = (step, metrics)
-            stop = preempted.set or ckpt.reached_preemption(step)
-            if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
-                ckpt.save(step, state, loader.get_state())
-            if stop:
-                ckpt.wait()
-                print(f"preemption signal: saved step {step}, exiting", flush=True)
-                break
-            periodic = config.eval.every_steps and step % config.eval.every_steps == 0
-            if periodic or step == config.total_steps:
-                evaluated = _evaluate(
-                    config,
-                    workdir,
-                    data_dir,
-                    tokenizer,
-                    model,
-                    eval_step,
-                    state,
-                    mesh,
-                    writer,
-                    step,
-                )
-        if pending is not None:
-            last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
-        if step == config.total_steps and not preempted.set:
-            last.update(evaluated)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        preempted.restore()
-    return last
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 class _LogWindow:
@@ -243,15 +191,48 @@ def _check_and_log(step, metrics, writer, window, loader, config, force=False):
     return values
 
 
-def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mesh, writer, step):
-    results = _validation(config, data_dir, tokenizer, model, eval_step, state, mesh)
-    if config.eval.tasks:
-        from clip_jax.eval import evaluators  # noqa: PLC0415 (evaluation is optional in the loop)
+def _validation(run: Run, eval_step, state) -> dict[str, float]:
+    """Validation-split contrastive loss and in-batch accuracy over its full batches."""
+    c = run.config
+    loader = pipeline.eval_loader(
+        c.data.name,
+        c.data.eval_split,
+        run.data_dir,
+        batch_size=c.eval.batch_size,
+        image_size=run.model.config.vision.image_size,
+        tokenizer=run.tokenizer,
+    )
+    totals, batches = {}, 0
+    for batch in loader:
+        if not np.all(batch["mask"]):
+            continue  # a padded batch would add fake pairs to the contrastive loss
+        batch = sharding.to_global({"image": batch["image"], "text": batch["text"]}, run.mesh)
+        metrics = jax.device_get(eval_step(state.params, state.model_state, batch))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        batches += 1
+    return {f"val/{k}": v / batches for k, v in totals.items()} if batches else {}
 
+
+def _evaluate(run: Run, eval_step, state, writer, step) -> dict[str, float]:
+    results = _validation(run, eval_step, state)
+    if run.config.eval.tasks:
+        from clip_jax.eval import runner  # noqa: PLC0415 (evaluation is optional in the loop)
+        from clip_jax.eval.results import flat_metrics  # noqa: PLC0415 (as above)
+
+        c = run.config
         results.update(
-            evaluators.flat_metrics(
-                evaluators.evaluate_state(
-                    config, model, state.params, state.model_state, tokenizer, mesh, step, workdir
+            flat_metrics(
+                runner.evaluate_state(
+                    c.eval,
+                    run.model,
+                    state.params,
+                    state.model_state,
+                    run.tokenizer,
+                    run.mesh,
+                    step,
+                    data_dir=paths.resolve_data_dir(c.eval.data_dir or c.data.data_dir),
+                    workdir=run.workdir,
                 )
             )
         )
@@ -263,6 +244,86 @@ def _evaluate(config, workdir, data_dir, tokenizer, model, eval_step, state, mes
                 flush=True,
             )
     return results
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+    run = setup(config, workdir)
+    _prepare_training_data(run)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+    model, mesh = run.model, run.mesh
+    schedule = optim.schedule(config.optim, config.total_steps)
+    loss_fn = losses.make_loss(
+        config.loss.kind, mesh, config.loss.impl, chunk_size=config.loss.chunk_size
+    )
+    abstract = step_lib.abstract_train_state(model, run.tx, mesh, config.mesh.rules)
+    shardings = step_lib.state_shardings(abstract)
+    train_step = step_lib.make_train_step(
+        model,
+        run.tx,
+        loss_fn,
+        schedule,
+        shardings,
+        mesh,
+        config.micro_batch_size,
+        config.optim.freeze,
+    )
+    eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
+    loader = _train_loader(run)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        keep_period=config.checkpoint.keep_period,
+        async_save=config.checkpoint.async_save,
+    )
+    state, start = _restore_or_init(run, abstract, ckpt, loader)
+
+    writer = MetricWriter(workdir, config.total_steps)
+    preempted = _PreemptionFlag()
+    window = _LogWindow(
+        config.batch_size,
+        jax.device_count(),
+        flops.train_step_flops(model.config, config.batch_size),
+        flops.peak_tflops(jax.devices()[0].device_kind),
+    )
+    last: dict[str, float] = {}
+    pending = None  # (step, metrics) of the previous step, read while this one runs
+    evaluated: dict[str, float] = {}
+    step = start
+    try:
+        while step < config.total_steps:
+            with window.waiting_for_data():
+                host_batch = next(loader)
+            state, metrics = train_step(state, sharding.to_global(host_batch, mesh))
+            step += 1
+            window.steps += 1
+            if pending is not None:
+                last = _check_and_log(*pending, writer, window, loader, config) or last
+            pending = (step, metrics)
+            stop = preempted.set or ckpt.reached_preemption(step)
+            if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
+                ckpt.save(step, state, loader.get_state())
+            if stop:
+                ckpt.wait()
+                print(f"preemption signal: saved step {step}, exiting", flush=True)
+                break
+            periodic = config.eval.every_steps and step % config.eval.every_steps == 0
+            if periodic or step == config.total_steps:
+                evaluated = _evaluate(run, eval_step, state, writer, step)
+        if pending is not None:
+            last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
+        if step == config.total_steps and not preempted.set:
+            last.update(evaluated)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        preempted.restore()
+    return last
 
 
 def initialize_distributed(
@@ -278,9 +339,6 @@ def initialize_distributed(
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file(
         "config", None, "Experiment config file[:variant].", lock_config=False
     )
@@ -294,8 +352,6 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
-        from absl import logging  # noqa: PLC0415
-
         logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
         f = flags.FLAGS
         initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)

@@ -1,35 +1,37 @@
 """Test set-up: 8 simulated CPU devices for everything sharded.
 
-XLA reads the flag once, when the backend starts, so it must be set before jax is imported.
+XLA reads its flags once, when the backend starts, so they are set here, before any test
+module runs jax; subprocesses (the preemption and multi-process tests) inherit them.
 """
 
 import os
+
+import chex
 
 # XLA:CPU aborts the process when a collective waits too long for its peers; on a loaded
 # 2-core CI machine, 8 simulated devices per test process can exceed the default.
 os.environ["XLA_FLAGS"] = " ".join(
     [
         os.environ.get("XLA_FLAGS", ""),
-        "--xla_force_host_platform_device_count=8",
         "--xla_cpu_collective_timeout_seconds=1200",
         "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+chex.set_n_cpu_devices(8)  # through XLA_FLAGS too, so subprocesses see the same devices
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from clip_jax.data.prepare import prepare_demo  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory):
     """A small clip_demo (640 train pairs at 32 px), built once per test process."""
-    from clip_jax.data.prepare import prepare_demo
-
     d = str(tmp_path_factory.mktemp("demo_tfds"))
     prepare_demo(d, num_train=640, num_validation=48, num_test=40, image_size=32, verbose=False)
     return d

@@ -3,6 +3,7 @@ webdataset tar shard or a JSONL/CSV folder. No part of clip_jax is used to make 
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -201,11 +202,40 @@ def write_table(
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     else:
-        import csv
-
         with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=[image_field, caption_field])
             w.writeheader()
             for r in rows:
                 w.writerow(r)
     return path
+
+
+def solid_png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
+    return encode(Image.new("RGB", (size, size), rgb), "PNG")
+
+
+def write_tar_members(path: str, members: list[tuple[str, bytes]]) -> str:
+    """A tar holding exactly these (name, bytes) members, in this order (duplicates too)."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_lines(path: str, lines: list[bytes]) -> str:
+    """A table file written byte for byte (for encodings the csv/json writers would fix)."""
+    with open(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def write_image_folder(root: str, classes: dict[str, list[bytes]]) -> int:
+    """ImageFolder layout root/CLASS/NNN.png; returns the number of images planted."""
+    for name, images in classes.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i, data in enumerate(images):
+            with open(os.path.join(root, name, f"{i:03d}.png"), "wb") as f:
+                f.write(data)
+    return sum(len(v) for v in classes.values())

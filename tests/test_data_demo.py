@@ -3,7 +3,7 @@
 import io
 import os
 
-import numpy as np
+import chex
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -11,7 +11,7 @@ from PIL import Image
 from clip_jax.data import demo_tokenizer, ensure_prepared
 from clip_jax.data.builders import clip_demo
 from clip_jax.data.errors import DatasetNotPreparedError
-from clip_jax.data.pipeline import dataset_info
+from clip_jax.data.info import dataset_info
 
 tfds.disable_progress_bar()
 SMALL = dict(num_train=40, num_validation=10, num_test=12, verbose=False)
@@ -74,7 +74,7 @@ def test_demo_tokenizer_cached_and_deterministic(tmp_path):
     assert os.path.dirname(a.model_path) == str(tmp_path / "a" / "clip_demo" / "tokenizer")
     caps = clip_demo.all_caption_variants()
     ea, eb = a.encode(caps), b.encode(caps)
-    np.testing.assert_array_equal(ea, eb)
+    chex.assert_trees_all_equal(ea, eb)
     # Every caption fits with room to spare; every word is one piece, none unknown.
     lengths = (ea != a.pad_id).sum(1)
     assert lengths.max() <= 20

@@ -1,22 +1,27 @@
 """Import of image-text sources (webdataset tar, JSONL, CSV) into tfds ArrayRecord."""
 
 import io
+import json
 import os
 import subprocess
 import sys
 import tarfile
 
+import chex
 import data_helpers
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_train import DEMO, smoke
 
+from clip_jax import train as train_lib
 from clip_jax.data import images
 from clip_jax.data.builders.image_text import in_validation
-from clip_jax.data.builders.sources import expand_braces
+from clip_jax.data.builders.sources import expand_braces, sort_class_names
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
-from clip_jax.data.pipeline import dataset_info, eval_loader, read_captions
+from clip_jax.data.info import dataset_info, read_captions
+from clip_jax.data.pipeline import eval_loader
 from clip_jax.data.prepare import prepare_image_text
 
 tfds.disable_progress_bar()
@@ -55,13 +60,13 @@ def _check_import(summary, records, cases):
         assert [x.decode("utf-8") for x in rec["caption"]] == [c["caption"]]
         assert rec["image"] == c["data"], c["key"]
         if c["pixels"] is not None:  # PNGs: what PIL reads back is exactly what was written
-            np.testing.assert_array_equal(
+            chex.assert_trees_all_equal(
                 np.asarray(Image.open(io.BytesIO(rec["image"]))), c["pixels"]
             )
         rgb = images.decode_rgb(rec["image"])
         assert rgb.mode == "RGB" and rgb.size == Image.open(io.BytesIO(c["data"])).size
         if c["rgb"] is not None:
-            np.testing.assert_array_equal(np.asarray(rgb), c["rgb"], err_msg=c["key"])
+            chex.assert_trees_all_equal(np.asarray(rgb), c["rgb"], custom_message=c["key"])
 
 
 def test_webdataset_tar_import(tmp_path):
@@ -288,3 +293,390 @@ def test_tar_written_by_tarfile_is_readable(tmp_path):
     path = data_helpers.write_tar(str(tmp_path / "t.tar"), data_helpers.make_cases()[:2])
     with tarfile.open(path) as tf:
         assert [m.name for m in tf.getmembers()][:2] == ["k00_rgb_jpeg.jpg", "k00_rgb_jpeg.txt"]
+
+
+# ------------------------------------------------- nothing lost: every bad row is counted
+
+
+def _written(summary) -> int:
+    return sum(s["examples"] for s in summary["splits"].values())
+
+
+def _assert_all_counted(summary, planted):
+    """written + skipped = planted: no example vanishes without a reason."""
+    assert _written(summary) + sum(summary["skipped"].values()) == planted, summary["skipped"]
+
+
+def _reason(summary, start):
+    """The skip count whose reason starts with `start` (reasons may carry a hint)."""
+    hits = [n for reason, n in summary["skipped"].items() if reason.startswith(start)]
+    assert len(hits) == 1, (start, summary["skipped"])
+    return hits[0]
+
+
+def test_duplicate_webdataset_keys_are_counted_not_lost(tmp_path):
+    red, green, blue = (data_helpers.solid_png(c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255)))
+    tar = data_helpers.write_tar_members(
+        str(tmp_path / "dup.tar"),
+        [
+            ("k.png", red),
+            ("k.txt", b"first"),
+            ("k.png", green),  # the same key again, right after: a second example
+            ("k.txt", b"second"),
+            ("j.png", blue),
+            ("j.txt", b"third"),
+            ("k.png", blue),  # and once more, later in the shard
+            ("k.txt", b"fourth"),
+        ],
+    )
+    d = str(tmp_path / "tfds")
+    summary = prepare_image_text("dup", tar, d, val_fraction=0, verbose=False)
+    assert summary["skipped"] == {"duplicate key": 2}
+    _assert_all_counted(summary, 4)
+    records = _read_all("dup", d)
+    assert set(records) == {"k", "j"}
+    assert records["k"]["image"] == red and list(records["k"]["caption"]) == [b"first"]
+    assert summary["skipped_examples"]["duplicate key"][0].startswith("dup.tar:k (duplicate key")
+
+
+def test_table_rows_sharing_a_key_but_not_the_image_are_counted(tmp_path):
+    folder = tmp_path / "t"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(data_helpers.solid_png((1, 1, 1)))
+    (folder / "images" / "b.png").write_bytes(data_helpers.solid_png((2, 2, 2)))
+    table = data_helpers.write_lines(
+        str(folder / "rows.jsonl"),
+        [
+            b'{"image": "images/a.png", "caption": "a", "id": "same"}',
+            b'{"image": "images/b.png", "caption": "b", "id": "same"}',
+        ],
+    )
+    d = str(tmp_path / "tfds")
+    summary = prepare_image_text("dupkey", table, d, key_field="id", val_fraction=0, verbose=False)
+    assert summary["skipped"] == {"duplicate key": 1}
+    _assert_all_counted(summary, 2)
+    assert read_captions("dupkey", "train", d) == [["a"]]
+
+
+def _outside_rows_folder(tmp_path):
+    """t/rows.jsonl and t/rows.csv naming 2 images inside t/ and 2 outside it."""
+    secret = tmp_path / "secret"
+    secret.mkdir(parents=True)
+    (secret / "s.png").write_bytes(data_helpers.solid_png((9, 9, 9)))
+    folder = tmp_path / "t"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(data_helpers.solid_png((1, 1, 1)))
+    os.symlink(secret, folder / "linked")  # the folder owner's own link: followed
+    paths = ["images/a.png", "../secret/s.png", str(secret / "s.png"), "linked/s.png"]
+    lines = [f'{{"image": "{p}", "caption": "c{i}"}}'.encode() for i, p in enumerate(paths)]
+    data_helpers.write_lines(str(folder / "rows.jsonl"), lines)
+    csv_lines = [b"image,caption"] + [f"{p},c{i}".encode() for i, p in enumerate(paths)]
+    data_helpers.write_lines(str(folder / "rows.csv"), csv_lines)
+    return folder
+
+
+def test_table_image_paths_outside_the_folder_are_refused_unless_allowed(tmp_path):
+    folder = _outside_rows_folder(tmp_path)
+    d = str(tmp_path / "tfds")
+    for fmt in ("jsonl", "csv"):
+        table = str(folder / f"rows.{fmt}")
+        summary = prepare_image_text(f"out_{fmt}", table, d, val_fraction=0, verbose=False)
+        assert _reason(summary, "image path outside the table's folder") == 2
+        assert "--allow_outside_paths" in next(iter(summary["skipped"]))
+        _assert_all_counted(summary, 4)
+        assert read_captions(f"out_{fmt}", "train", d) == [["c0"], ["c3"]]
+        summary = prepare_image_text(
+            f"out_all_{fmt}", table, d, val_fraction=0, allow_outside_paths=True, verbose=False
+        )
+        assert summary["skipped"] == {} and _written(summary) == 4
+
+
+def _latin1_tables(tmp_path):
+    """t/rows.jsonl and t/rows.csv in latin-1: rows 1 and 3 hold a non-ASCII caption."""
+    folder = tmp_path / "t"
+    (folder / "images").mkdir(parents=True)
+    for i in range(3):
+        (folder / "images" / f"{i}.png").write_bytes(data_helpers.solid_png((i, i, i)))
+    caps = ["café au lait", "plain", "Müller's Straße"]
+    jsonl = [
+        f'{{"image": "images/{i}.png", "caption": "{c}"}}'.encode("latin-1")
+        for i, c in enumerate(caps)
+    ]
+    data_helpers.write_lines(str(folder / "rows.jsonl"), jsonl)
+    csv_lines = [b"image,caption"] + [
+        f"images/{i}.png,{c}".encode("latin-1") for i, c in enumerate(caps)
+    ]
+    data_helpers.write_lines(str(folder / "rows.csv"), csv_lines)
+    return folder, caps
+
+
+def test_tables_not_valid_utf8_skip_the_row_or_take_an_encoding(tmp_path):
+    folder, caps = _latin1_tables(tmp_path)
+    d = str(tmp_path / "tfds")
+    for fmt in ("jsonl", "csv"):
+        table = str(folder / f"rows.{fmt}")
+        summary = prepare_image_text(f"l1_{fmt}", table, d, val_fraction=0, verbose=False)
+        assert summary["skipped"] == {"caption is not valid UTF-8": 2}
+        _assert_all_counted(summary, 3)
+        assert any("--encoding" in note for note in summary["notes"])
+        assert read_captions(f"l1_{fmt}", "train", d) == [["plain"]]
+        summary = prepare_image_text(
+            f"l1_enc_{fmt}", table, d, val_fraction=0, encoding="latin-1", verbose=False
+        )
+        assert summary["skipped"] == {}
+        assert read_captions(f"l1_enc_{fmt}", "train", d) == [[c] for c in caps]
+    # A spreadsheet's UTF-8 byte-order mark is not part of the first column's name.
+    bom = data_helpers.write_lines(
+        str(folder / "bom.csv"), [b"\xef\xbb\xbfimage,caption", b"images/0.png,caf\xc3\xa9"]
+    )
+    prepare_image_text("bom", bom, d, val_fraction=0, verbose=False)
+    assert read_captions("bom", "train", d) == [["café"]]
+
+
+# ------------------------------------------------------------- labelled datasets of one's own
+
+COLOURS = {"red_ball": (255, 0, 0), "green_leaf": (0, 255, 0), "blue_sky": (0, 0, 255)}
+
+
+def _labels_by_key(name, split, d):
+    ds = tfds.data_source(name, split=split, data_dir=d, download=False)
+    return {r["key"].decode(): int(r["label"]) for r in ds.__getitems__(list(range(len(ds))))}
+
+
+def test_class_folders_give_a_labelled_dataset_and_a_split_is_added(tmp_path):
+    d = str(tmp_path / "tfds")
+    train = {
+        c: [data_helpers.solid_png(rgb, 8 + i) for i in range(3)] for c, rgb in COLOURS.items()
+    }
+    planted = data_helpers.write_image_folder(str(tmp_path / "train"), train)
+    (tmp_path / "train" / "loose.png").write_bytes(data_helpers.solid_png((0, 0, 0)))
+    summary = prepare_image_text("pets", str(tmp_path / "train"), d, val_fraction=0, verbose=False)
+    assert summary["skipped"] == {"file outside a class sub-folder": 1}
+    _assert_all_counted(summary, planted + 1)
+    names = sorted(COLOURS)  # ImageFolder order: class folders sorted by name
+    assert summary["class_names"] == names
+    train_file = os.path.join(summary["path"], "pets-train.array_record-00000-of-00001")
+    train_bytes = open(train_file, "rb").read()
+
+    # A test split without one of the classes, added beside train.
+    test = {
+        "red_ball": [data_helpers.solid_png((250, 5, 5))] * 2,
+        "blue_sky": [data_helpers.solid_png((5, 5, 250))],
+    }
+    data_helpers.write_image_folder(str(tmp_path / "test"), test)
+    summary = prepare_image_text("pets", str(tmp_path / "test"), d, split="test", verbose=False)
+    assert list(summary["splits"]) == ["test"] and summary["kept_splits"] == ["train"]
+    info = dataset_info("pets", d)
+    assert info["class_names"] == names and "label" in info["features"]
+    assert info["num_examples"] == {"train": planted, "test": 3}
+    assert open(train_file, "rb").read() == train_bytes  # train is not re-written
+    for split, expected in (("train", train), ("test", test)):
+        labels = _labels_by_key("pets", split, d)
+        assert labels == {
+            f"{c}/{i:03d}.png": names.index(c)
+            for c, imgs in expected.items()
+            for i in range(len(imgs))
+        }
+    assert read_captions("pets", "test", d) == [["blue sky"], ["red ball"], ["red ball"]]
+    batches = list(
+        eval_loader("pets", "test", d, batch_size=4, image_size=8, shard_index=0, shard_count=1)
+    )
+    chex.assert_trees_all_equal(batches[0]["label"], np.array([0, 2, 2, -1], np.int32))
+
+    # Again: kept unless --overwrite, which replaces the split (not appends to it).
+    again = prepare_image_text("pets", str(tmp_path / "test"), d, split="test", verbose=False)
+    assert "already prepared" in again["note"]
+    prepare_image_text(
+        "pets", str(tmp_path / "test"), d, split="test", overwrite=True, verbose=False
+    )
+    assert dataset_info("pets", d)["num_examples"] == {"train": planted, "test": 3}
+
+    # A class the dataset does not have, or no labels at all, cannot join it.
+    data_helpers.write_image_folder(
+        str(tmp_path / "odd"), {"purple_rain": [data_helpers.solid_png((1, 0, 1))]}
+    )
+    with pytest.raises(DataError, match=r"classes not in dataset 'pets': purple_rain \(it has"):
+        prepare_image_text("pets", str(tmp_path / "odd"), d, split="odd", verbose=False)
+    tar = data_helpers.write_tar(str(tmp_path / "u.tar"), data_helpers.make_cases()[:2])
+    with pytest.raises(
+        DataError, match=r"dataset 'pets' is labelled \(3 classes\); pass --label_field"
+    ):
+        prepare_image_text("pets", tar, d, split="extra", verbose=False)
+    assert dataset_info("pets", d)["num_examples"] == {"train": planted, "test": 3}
+    assert not [f for f in os.listdir(d) if f.startswith(".")]  # no temporary folder left
+
+
+def test_a_split_added_to_an_unlabelled_dataset(tmp_path):
+    d = str(tmp_path / "tfds")
+    cases = data_helpers.make_cases()
+    data_helpers.write_tar(str(tmp_path / "a.tar"), cases[:3])
+    data_helpers.write_tar(str(tmp_path / "b.tar"), cases[3:5])
+    prepare_image_text("caps", str(tmp_path / "a.tar"), d, val_fraction=0, verbose=False)
+    summary = prepare_image_text("caps", str(tmp_path / "b.tar"), d, split="test", verbose=False)
+    assert summary["class_names"] is None and summary["kept_splits"] == ["train"]
+    assert dataset_info("caps", d)["num_examples"] == {"train": 3, "test": 2}
+    assert read_captions("caps", "test", d) == [[c["caption"]] for c in cases[3:5]]
+    assert os.path.isfile(os.path.join(summary["path"], "import_summary_test.json"))
+    folder = tmp_path / "cls"
+    data_helpers.write_image_folder(str(folder), {"a": [data_helpers.solid_png((1, 2, 3))]})
+    with pytest.raises(DataError, match="dataset 'caps' has no labels"):
+        prepare_image_text("caps", str(folder), d, split="labelled", verbose=False)
+
+
+def test_table_with_a_label_field(tmp_path):
+    folder = tmp_path / "t"
+    (folder / "images").mkdir(parents=True)
+    for i in range(4):
+        (folder / "images" / f"{i}.png").write_bytes(data_helpers.solid_png((i, 0, 0)))
+    table = data_helpers.write_lines(
+        str(folder / "rows.jsonl"),
+        [
+            b'{"image": "images/0.png", "cls": "dog"}',
+            b'{"image": "images/1.png", "cls": "cat", "caption": "a cat on a mat"}',
+            b'{"image": "images/2.png", "cls": ""}',
+            b'{"image": "images/3.png", "cls": "hot_dog"}',
+        ],
+    )
+    d = str(tmp_path / "tfds")
+    summary = prepare_image_text(
+        "animals", table, d, label_field="cls", val_fraction=0, verbose=False
+    )
+    assert summary["class_names"] == ["cat", "dog", "hot_dog"]
+    assert summary["skipped"] == {"missing label": 1}
+    _assert_all_counted(summary, 4)
+    assert _labels_by_key("animals", "train", d) == {
+        "images/0.png": 1,
+        "images/1.png": 0,
+        "images/3.png": 2,
+    }
+    # Without a caption the class name is the caption.
+    assert read_captions("animals", "train", d) == [["dog"], ["a cat on a mat"], ["hot dog"]]
+    assert dataset_info("animals", d)["class_names"] == ["cat", "dog", "hot_dog"]
+
+
+def test_integer_class_names_sort_as_numbers():
+    assert sort_class_names(["10", "2", "1"]) == ["1", "2", "10"]
+    assert sort_class_names(["b", "10", "a"]) == ["10", "a", "b"]
+
+
+def test_zeroshot_evaluate_command_on_an_imported_labelled_split(demo_data_dir, tmp_path):
+    """`python -m clip_jax.evaluate --workdir=W --tasks=zeroshot:SET@test` with no other flag:
+    the class names come from the imported ClassLabel."""
+    c = smoke(DEMO, demo_data_dir, total_steps=1)
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir)
+    test = {c: [data_helpers.solid_png(rgb, 12)] * 2 for c, rgb in COLOURS.items()}
+    data_helpers.write_image_folder(str(tmp_path / "test"), test)
+    prepare_image_text(
+        "colours_eval", str(tmp_path / "test"), demo_data_dir, split="test", verbose=False
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.evaluate",
+            f"--workdir={workdir}",
+            "--tasks=zeroshot:colours_eval@test",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "zeroshot_colours_eval_test" in res.stdout
+    [step] = os.listdir(os.path.join(workdir, "eval"))
+    result = json.load(open(os.path.join(workdir, "eval", step, "zeroshot_colours_eval_test.json")))
+    assert result["num_examples"] == 6 and result["num_classes"] == 3
+    assert result["class_names_source"] == "dataset metadata"
+
+
+# ------------------------------------------------------------- the command line: exit 2, one line
+
+
+def _prepare_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.data.prepare", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        check=False,
+    )
+
+
+def _assert_one_line_error(res, *words):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.strip().count("\n") == 0, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+
+
+def test_prepare_cli_bad_inputs_exit_2_with_one_line(tmp_path):
+    folder, _ = _latin1_tables(tmp_path)
+    table = str(folder / "rows.jsonl")
+    d = str(tmp_path / "tfds")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    tar = data_helpers.write_tar(str(tmp_path / "s.tar"), data_helpers.make_cases()[:2])
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "nested" / "part1").mkdir(parents=True)
+    data_helpers.write_tar(
+        str(tmp_path / "nested" / "part1" / "s.tar"), data_helpers.make_cases()[:1]
+    )
+    data_helpers.write_image_folder(
+        str(tmp_path / "cls"), {"a": [data_helpers.solid_png((1, 2, 3))]}
+    )
+    data_helpers.write_image_folder(
+        str(tmp_path / "cls2"), {"b": [data_helpers.solid_png((1, 2, 3))]}
+    )
+    cases = [
+        ([f"--source={table}", "--encoding=klingon"], ["unknown --encoding 'klingon'"]),
+        ([f"--source={table}", f"--data_dir={a_file}"], ["is a file", "pass a folder"]),
+        ([f"--source={table}", "--split=Test-1"], ["invalid --split 'Test-1'"]),
+        ([f"--source={tar}", "--label_field=cls"], ["--label_field applies to JSONL/CSV"]),
+        ([f"--source={tmp_path / 'bare'}"], ["no class sub-folder", "bare"]),
+        ([f"--source={tmp_path / 'nested'}"], ["sub-folders of shards", "/*/*.tar"]),
+    ]
+    for args, words in cases:
+        _assert_one_line_error(_prepare_cli("--name=cli_bad", f"--data_dir={d}", *args), *words)
+    res = _prepare_cli("--name=clip_demo", f"--data_dir={d}", "--num_train=-1")
+    _assert_one_line_error(res, "--num_train >= 1")
+    res = _prepare_cli("--name=cli_cls", f"--data_dir={d}", f"--source={tmp_path / 'cls'}")
+    assert res.returncode == 0, res.stderr
+    res = _prepare_cli(
+        "--name=cli_cls", f"--data_dir={d}", f"--source={tmp_path / 'cls2'}", "--split=test"
+    )
+    _assert_one_line_error(res, "classes not in dataset 'cli_cls': b")
+
+
+def test_prepare_cli_counts_bad_rows_and_names_the_flags(tmp_path):
+    folder, _ = _latin1_tables(tmp_path)
+    out = _outside_rows_folder(tmp_path / "o")
+    d = str(tmp_path / "tfds")
+    res = _prepare_cli(
+        "--name=l1", f"--data_dir={d}", "--val_fraction=0", f"--source={folder / 'rows.csv'}"
+    )
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "train: 1 examples written" in res.stdout
+    assert "2 x caption is not valid UTF-8" in res.stdout and "--encoding" in res.stdout
+    res = _prepare_cli(
+        "--name=l1_enc",
+        f"--data_dir={d}",
+        "--val_fraction=0",
+        "--encoding=latin-1",
+        f"--source={folder / 'rows.csv'}",
+    )
+    assert res.returncode == 0 and "train: 3 examples written" in res.stdout, res.stderr[-2000:]
+    res = _prepare_cli(
+        "--name=o", f"--data_dir={d}", "--val_fraction=0", f"--source={out / 'rows.jsonl'}"
+    )
+    assert "2 x image path outside the table's folder (pass --allow_outside_paths" in res.stdout
+    res = _prepare_cli(
+        "--name=o_all",
+        f"--data_dir={d}",
+        "--val_fraction=0",
+        "--allow_outside_paths",
+        f"--source={out / 'rows.jsonl'}",
+    )
+    assert "train: 4 examples written" in res.stdout and "skipped: 0" in res.stdout

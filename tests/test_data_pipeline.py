@@ -1,9 +1,11 @@
 """Loader: determinism, resumption, sharding over hosts, eval padding, corrupt images,
-hand-off to global jax.Arrays. Real tfds datasets written to a temporary data_dir."""
+hand-off to global jax.Arrays (`sharding.to_global`). Real tfds datasets written to a
+temporary data_dir."""
 
 import io
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -12,9 +14,11 @@ from PIL import Image
 
 from clip_jax.data import images
 from clip_jax.data.builders import common
-from clip_jax.data.builders.clip_demo import demo_tokenizer
-from clip_jax.data.pipeline import dataset_info, eval_loader, read_captions, to_global, train_loader
+from clip_jax.data.info import dataset_info, read_captions
+from clip_jax.data.pipeline import eval_loader, train_loader
 from clip_jax.data.prepare import prepare_demo
+from clip_jax.data.tokenizer import demo_tokenizer
+from clip_jax.sharding import to_global
 
 tfds.disable_progress_bar()
 SIZE = 32
@@ -40,17 +44,11 @@ def _take(loader, n):
     return [next(loader) for _ in range(n)]
 
 
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
 def test_batch_contract(demo):
     b = next(_loader(demo))
     assert set(b) == {"image", "text"}
-    assert b["image"].dtype == np.uint8 and b["image"].shape == (16, SIZE, SIZE, 3)
-    assert b["text"].dtype == np.int32 and b["text"].shape == (16, 24)
+    chex.assert_shape([b["image"], b["text"]], [(16, SIZE, SIZE, 3), (16, 24)])
+    chex.assert_type([b["image"], b["text"]], [np.uint8, np.int32])
     tok = demo[1]
     assert (b["text"][:, 0] == tok.bot_id).all() and ((b["text"] == tok.eot_id).sum(1) == 1).all()
 
@@ -58,7 +56,7 @@ def test_batch_contract(demo):
 def test_same_seed_same_batches(demo):
     a, b = _take(_loader(demo), 3), _take(_loader(demo, prefetch=0), 3)
     for x, y in zip(a, b):
-        _assert_same(x, y)
+        chex.assert_trees_all_equal(x, y)
     c = _take(_loader(demo, seed=4), 1)[0]
     assert not np.array_equal(a[0]["image"], c["image"])
 
@@ -73,7 +71,7 @@ def test_resume_continues_exactly(demo):
     resumed = _loader(demo)
     resumed.set_state(state)
     for k in range(4, 9):
-        _assert_same(next(resumed), full[k])
+        chex.assert_trees_all_equal(next(resumed), full[k])
     with pytest.raises(ValueError, match="global_batch_size"):
         _loader(demo, global_batch_size=8).set_state(state)
 
@@ -90,7 +88,7 @@ def test_two_hosts_cover_the_epoch_once(demo):
     for k in (0, 5):
         for key in ("image", "text"):
             merged = np.stack([batches[0][k][key], batches[1][k][key]], 1)
-            np.testing.assert_array_equal(merged.reshape(single[k][key].shape), single[k][key])
+            chex.assert_trees_all_equal(merged.reshape(single[k][key].shape), single[k][key])
 
 
 def test_epochs_are_reshuffled(demo):
@@ -109,10 +107,10 @@ def test_worker_processes_match_and_resume_across_worker_counts(demo):
     state = workers.get_state()
     workers.close()
     for x, y in zip(got, ref):
-        _assert_same(x, y)
+        chex.assert_trees_all_equal(x, y)
     resumed = _loader(demo, num_workers=0)
     resumed.set_state(state)
-    _assert_same(next(resumed), ref[2])
+    chex.assert_trees_all_equal(next(resumed), ref[2])
 
 
 def test_eval_loader_pads_and_masks_over_two_hosts(demo):
@@ -143,14 +141,14 @@ def test_eval_loader_pads_and_masks_over_two_hosts(demo):
     want = {i: ds[i] for i in range(21)}
     for h in hosts:
         for b in h:
-            assert b["image"].shape == (4, SIZE, SIZE, 3) and b["text"].shape == (4, 24)
+            chex.assert_shape([b["image"], b["text"]], [(4, SIZE, SIZE, 3), (4, 24)])
             for j in np.flatnonzero(b["mask"]):
                 rec = want[int(b["index"][j])]
                 assert b["label"][j] == rec["label"]
-                np.testing.assert_array_equal(
+                chex.assert_trees_all_equal(
                     b["image"][j], images.center_crop(images.decode_rgb(rec["image"]), SIZE)
                 )
-                np.testing.assert_array_equal(b["text"][j], tok.encode(rec["caption"][0].decode()))
+                chex.assert_trees_all_equal(b["text"][j], tok.encode(rec["caption"][0].decode()))
     assert info["num_examples"]["test"] == 21 and len(info["class_names"]) == 64
     caps = read_captions("clip_demo", "test", d)
     assert len(caps) == 21 and all(len(c) == 3 for c in caps)
@@ -208,9 +206,10 @@ def test_corrupt_images_are_replaced_deterministically(tmp_path, demo):
     resumed = make()
     resumed.set_state(state)
     b = [first] + list(resumed)
-    assert len(a) == 3 and all(x["image"].shape == (8, 8, 8, 3) for x in a)
+    assert len(a) == 3
+    chex.assert_shape([x["image"] for x in a], (8, 8, 8, 3))
     for x, y in zip(a, b):
-        _assert_same(x, y)
+        chex.assert_trees_all_equal(x, y)
     # 6 of 24 records are corrupt, so at least 6 replacements happened over one epoch.
     full = make()
     list(full)
@@ -228,10 +227,11 @@ def test_to_global_shards_over_batch_axes(demo):
     )
     batch = next(_loader(demo))
     out = to_global(batch, mesh)
-    assert out["image"].shape == (16, SIZE, SIZE, 3) and out["image"].dtype == np.uint8
+    chex.assert_shape(out["image"], (16, SIZE, SIZE, 3))
+    chex.assert_type(out["image"], np.uint8)
     assert out["text"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     assert {s.data.shape[0] for s in out["image"].addressable_shards} == {2}
-    np.testing.assert_array_equal(np.asarray(out["text"]), batch["text"])
+    chex.assert_trees_all_equal(jax.device_get(out), batch)
 
 
 def test_decode_handles_exif_rotation_and_crops():
@@ -248,7 +248,7 @@ def test_decode_handles_exif_rotation_and_crops():
     assert crop[..., 1].min() > 230 and crop[..., 0].max() < 20 and crop[..., 2].max() < 20
     rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
     src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
-    np.testing.assert_array_equal(
+    chex.assert_trees_all_equal(
         images.random_square_crop(src, 16, rng1, (0.5, 1.0)),
         images.random_square_crop(src, 16, rng2, (0.5, 1.0)),
     )

@@ -2,15 +2,17 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 from clip_jax.data.errors import DataError
-from clip_jax.data.tokenizer import Tokenizer, clean_text, train_tokenizer
+from clip_jax.data.tokenizer import Tokenizer, clean_text, load_tokenizer, train_tokenizer
 
 CORPUS = [
     "a photo of a dog on the beach",
@@ -32,7 +34,8 @@ def model_path(tmp_path_factory):
 def test_encode_layout_and_special_ids(model_path):
     tok = Tokenizer(model_path, context_length=16)
     out = tok.encode(["a photo of a dog", ""])
-    assert out.dtype == np.int32 and out.shape == (2, 16)
+    chex.assert_shape(out, (2, 16))
+    chex.assert_type(out, np.int32)
     for row in out:
         assert row[0] == tok.bot_id
         eot = int(np.argmax(row == tok.eot_id))
@@ -41,7 +44,7 @@ def test_encode_layout_and_special_ids(model_path):
         assert tok.eot_id not in row[:eot] and tok.pad_id not in row[:eot]
     assert out[1, 1] == tok.eot_id  # empty caption: [BOT, EOT, pad...]
     assert (tok.pad_id, tok.bot_id, tok.eot_id) == (0, 2, 3)
-    assert tok.encode("a dog").shape == (16,)
+    chex.assert_shape(tok.encode("a dog"), (16,))
 
 
 def test_round_trip_ascii_and_non_ascii(model_path):
@@ -92,7 +95,7 @@ def test_settings_recorded_and_pickle(model_path, tmp_path):
     assert tok.lowercase is False
     assert tok.decode(tok.encode("A Dog")) == "A Dog"
     clone = pickle.loads(pickle.dumps(tok))
-    np.testing.assert_array_equal(clone.encode(["A Dog", "x"]), tok.encode(["A Dog", "x"]))
+    chex.assert_trees_all_equal(clone.encode(["A Dog", "x"]), tok.encode(["A Dog", "x"]))
     assert clone.context_length == 20 and clone.lowercase is False
 
 
@@ -173,11 +176,80 @@ def test_cli(tmp_path):
 
 
 def test_load_tokenizer_for_the_trainer(model_path, tmp_path):
-    from clip_jax.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(model_path, dataset="anything", context_length=20, lowercase=True)
     assert tok.context_length == 20 and tok.model_path == model_path
     demo = load_tokenizer("", dataset="clip_demo", data_dir=str(tmp_path), context_length=16)
-    assert demo.model_path.startswith(str(tmp_path)) and demo.encode("a red circle").shape == (16,)
+    assert demo.model_path.startswith(str(tmp_path))
+    chex.assert_shape(demo.encode("a red circle"), (16,))
     with pytest.raises(DataError, match=r"python -m clip_jax.data.tokenizer --dataset=my_set"):
         load_tokenizer("", dataset="my_set", data_dir=str(tmp_path))
+
+
+def _tokenizer_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.data.tokenizer", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        check=False,
+    )
+
+
+def _assert_one_line_error(res, *words):
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.strip().count("\n") == 0, res.stderr
+    for w in words:
+        assert w in res.stderr, (w, res.stderr)
+
+
+def test_cli_vocabulary_size_hints_name_a_size_that_works(tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(CORPUS), encoding="utf-8")
+    out = str(tmp_path / "sp")
+    # Too large for 8 distinct sentences: the hint names the largest size that trains.
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", "--vocab_size=32000")
+    _assert_one_line_error(res, "--vocab_size=32000 is more than", "--soft_vocab_limit")
+    most = int(re.search(r"pass --vocab_size=(\d+) or less", res.stderr).group(1))
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", f"--vocab_size={most}")
+    assert res.returncode == 0 and f"vocab_size={most}," in res.stdout, res.stderr
+    # Many distinct characters (CJK): too small a vocabulary; the hint's size trains, and
+    # sentencepiece's own option --character_coverage is there.
+    rng = np.random.default_rng(0)
+    chars = [chr(0x4E00 + i) for i in range(300)]
+    caps.write_text("\n".join("".join(rng.choice(chars, 10)) for _ in range(200)), encoding="utf-8")
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", "--vocab_size=100")
+    _assert_one_line_error(res, "--vocab_size=100 is less than", "--character_coverage")
+    least = int(re.search(r"pass --vocab_size=(\d+) or more", res.stderr).group(1))
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", f"--vocab_size={least}")
+    assert res.returncode == 0 and f"vocab_size={least}," in res.stdout, res.stderr
+    res = _tokenizer_cli(
+        f"--captions={caps}", f"--output={out}", "--vocab_size=100", "--character_coverage=0.98"
+    )
+    _assert_one_line_error(res, "--character_coverage=0.98")
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", "--character_coverage=0.5")
+    _assert_one_line_error(res, "--character_coverage must be in [0.98, 1]")
+
+
+def test_cli_captions_in_another_encoding(tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_bytes("\n".join(CORPUS + ["un café crème"]).encode("latin-1"))
+    out = str(tmp_path / "sp")
+    res = _tokenizer_cli(f"--captions={caps}", f"--output={out}", "--vocab_size=300")
+    _assert_one_line_error(
+        res, f"line {len(CORPUS) + 1} of {caps} is not valid utf-8", "--encoding"
+    )
+    res = _tokenizer_cli(
+        f"--captions={caps}", f"--output={out}", "--vocab_size=300", "--encoding=latin-1"
+    )
+    assert res.returncode == 0, res.stderr
+    tok = Tokenizer(out + ".model")
+    assert tok.decode(tok.encode("un café crème")) == "un café crème"
+    _assert_one_line_error(
+        _tokenizer_cli(f"--captions={caps}", f"--output={out}", "--encoding=klingon"),
+        "unknown --encoding 'klingon'",
+    )
+    _assert_one_line_error(
+        _tokenizer_cli(f"--captions={caps}", "--output=/proc/no/such/sp", "--encoding=latin-1"),
+        "cannot write",
+    )

@@ -1,35 +1,58 @@
-"""Metric functions of clip_jax.eval.metrics against independent numpy / scikit-learn code."""
+"""Metric functions of clip_jax.eval.metrics against independent numpy / scikit-learn code.
+
+Sections follow the modules of the package: classification, neighbours, retrieval,
+tip_adapter, linear_probe. Pure jittable functions run with and without jit (chex variants).
+"""
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
 
 from clip_jax.eval import metrics as M
+from clip_jax.eval import schema
 
 
 def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-# ------------------------------------------------------------------ zero-shot
+# ------------------------------------------------------------------ classification
 
 
-def test_prompt_ensembling_matches_numpy():
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(7, 5, 12)).astype(np.float32) * rng.uniform(0.5, 3, size=(7, 5, 1))
-    got = np.asarray(M.zero_shot_classifier(emb))
-    want = np.empty((7, 12))
-    for c in range(7):
-        per_template = [e / np.linalg.norm(e) for e in emb[c].astype(np.float64)]
-        mean = np.mean(per_template, axis=0)
-        want[c] = mean / np.linalg.norm(mean)
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    # Normalising each template first matters: it differs from averaging raw embeddings.
-    raw = emb.mean(1)
-    assert not np.allclose(got, _unit(raw), atol=1e-3)
+class PureClassificationTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_prompt_ensembling_matches_numpy(self):
+        rng = np.random.default_rng(0)
+        emb = rng.normal(size=(7, 5, 12)).astype(np.float32) * rng.uniform(0.5, 3, size=(7, 5, 1))
+        got = self.variant(M.zero_shot_classifier)(emb)
+        chex.assert_shape(got, (7, 12))
+        chex.assert_type(got, jnp.float32)
+        want = np.empty((7, 12))
+        for c in range(7):
+            per_template = [e / np.linalg.norm(e) for e in emb[c].astype(np.float64)]
+            mean = np.mean(per_template, axis=0)
+            want[c] = mean / np.linalg.norm(mean)
+        chex.assert_trees_all_close(got, want, atol=1e-6)
+        # Normalising each template first matters: it differs from averaging raw embeddings.
+        raw = emb.mean(1)
+        assert not np.allclose(got, _unit(raw), atol=1e-3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_zero_shot_logits_match_numpy(self):
+        rng = np.random.default_rng(4)
+        images = rng.normal(size=(10, 6)).astype(np.float32) * 3
+        classifier = _unit(rng.normal(size=(4, 6))).astype(np.float32)
+        got = self.variant(M.zero_shot_logits)(images, classifier)
+        want = 100 * _unit(images.astype(np.float64)) @ classifier.astype(np.float64).T
+        chex.assert_shape(got, (10, 4))
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def _numpy_scores(logits, labels):
@@ -47,8 +70,6 @@ def _numpy_scores(logits, labels):
 
 
 def test_zero_shot_accuracy_and_per_class_recall_match_numpy():
-    from sklearn.metrics import balanced_accuracy_score
-
     rng = np.random.default_rng(1)
     c, t, d, n = 9, 4, 16, 120
     text = rng.normal(size=(c, t, d)).astype(np.float32)
@@ -57,7 +78,7 @@ def test_zero_shot_accuracy_and_per_class_recall_match_numpy():
     labels[:30] = 0  # unbalanced classes
     images = np.asarray(classifier)[labels] + rng.normal(size=(n, d)).astype(np.float32) * 0.9
     logits = np.asarray(M.zero_shot_logits(images, classifier))
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         logits,
         100 * _unit(images.astype(np.float64)) @ np.asarray(classifier, np.float64).T,
         rtol=1e-4,
@@ -91,6 +112,43 @@ def test_classification_metrics_mask_and_few_classes():
 def test_classification_metrics_rejects_label_out_of_range():
     with pytest.raises(ValueError, match=r"label 7 is outside 0\.\.2"):
         M.classification_metrics(np.zeros((2, 3)), np.array([0, 7]))
+
+
+def test_rank_classes_matches_numpy_argsort():
+    rng = np.random.default_rng(6)
+    images = _unit(rng.normal(size=(50, 8))).astype(np.float32)
+    classifier = _unit(rng.normal(size=(7, 8))).astype(np.float32)
+    want = np.argsort(-(images.astype(np.float64) @ classifier.T), axis=1, kind="stable")
+    chex.assert_trees_all_equal(M.rank_classes(images, classifier, 3, query_block=16), want[:, :3])
+    # k larger than the number of classes ranks every class.
+    chex.assert_trees_all_equal(M.rank_classes(images, classifier, 10), want)
+
+
+# ------------------------------------------------------------------ neighbours
+
+
+def test_pad_rows():
+    x = np.arange(6, dtype=np.int32).reshape(3, 2)
+    chex.assert_trees_all_equal(M.pad_rows(x, 4), np.r_[x, np.zeros((1, 2), np.int32)])
+    assert M.pad_rows(x, 3) is x
+    chex.assert_shape(M.pad_rows(x[:0], 5), (5, 2))  # at least one block
+
+
+class TopkOverKeysTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_running_top_k_matches_numpy(self):
+        rng = np.random.default_rng(7)
+        queries = rng.normal(size=(5, 4)).astype(np.float32)
+        keys = rng.normal(size=(12, 4)).astype(np.float32)  # 3 blocks of 4; the last 2 rows pad
+        fn = self.variant(M.topk_over_keys, static_argnames=("k", "key_block"))
+        vals, idx = fn(queries, keys, np.int32(10), k=3, key_block=4)
+        sims = queries.astype(np.float64) @ keys[:10].astype(np.float64).T
+        want = np.argsort(-sims, axis=1, kind="stable")[:, :3]
+        chex.assert_trees_all_equal(idx, want)
+        chex.assert_trees_all_close(vals, np.take_along_axis(sims, want, axis=1), atol=1e-5)
+        # Fewer keys than k: the missing slots are -inf / -1.
+        vals, idx = fn(queries, keys, np.int32(2), k=3, key_block=4)
+        assert np.all(np.asarray(idx)[:, 2] == -1) and np.all(np.isneginf(np.asarray(vals)[:, 2]))
 
 
 # ------------------------------------------------------------------ retrieval
@@ -149,22 +207,20 @@ def test_blockwise_retrieval_equals_dense():
     )  # one block each
     for qb, kb in [(7, 5), (16, 64), (45, 3)]:
         blocked = M.retrieval_recall(img, txt, t2i, ks, query_block=qb, key_block=kb)
-        assert blocked == dense, (qb, kb)
+        chex.assert_trees_all_equal(blocked, dense)
     # Identical neighbour lists, not only identical recalls.
     a = M.ranked_neighbours(_unit(txt), _unit(img), 10, query_block=6, key_block=4)
     b = np.argsort(-(_unit(txt) @ _unit(img).T), axis=1, kind="stable")[:, :10]
-    np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_blockwise_retrieval_on_the_mesh_gives_the_same_numbers():
-    from jax.sharding import Mesh
-
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
     img, txt, t2i = _caption_data(2)
     single = M.retrieval_recall(img, txt, t2i, query_block=8, key_block=16)
     sharded = M.retrieval_recall(img, txt, t2i, query_block=8, key_block=16, mesh=mesh)
-    assert sharded == single
+    chex.assert_trees_all_equal(sharded, single)
 
 
 def test_retrieval_with_fewer_keys_than_k():
@@ -213,17 +269,22 @@ def _tip_data(seed, c=6, d=24, shots=4, n=90):
     return x, y, cache_x, cache_y, clip_weights
 
 
-def test_tip_adapter_logits_match_formula():
-    x, _, cache_x, cache_y, w = _tip_data(0)
-    keys, values = M.build_cache(cache_x, cache_y, 6)
-    got = np.asarray(M.tip_adapter_logits(x, keys, values, w, alpha=1.7, beta=5.5))
-    f = _unit(x.astype(np.float64))
-    ck = _unit(cache_x.astype(np.float64))
-    onehot = np.eye(6)[cache_y]
-    affinity = f @ ck.T
-    want = 100.0 * f @ w.astype(np.float64).T + 1.7 * np.exp(-5.5 * (1.0 - affinity)) @ onehot
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
-    np.testing.assert_array_equal(np.asarray(values), onehot)
+class TipAdapterLogitsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_tip_adapter_logits_match_formula(self):
+        x, _, cache_x, cache_y, w = _tip_data(0)
+        keys, values = M.build_cache(cache_x, cache_y, 6)
+        got = self.variant(M.tip_adapter_logits)(x, keys, values, w, 1.7, 5.5)
+        f = _unit(x.astype(np.float64))
+        ck = _unit(cache_x.astype(np.float64))
+        onehot = np.eye(6)[cache_y]
+        affinity = f @ ck.T
+        want = 100.0 * f @ w.astype(np.float64).T + 1.7 * np.exp(-5.5 * (1.0 - affinity)) @ onehot
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-3)
+        chex.assert_trees_all_equal(values, onehot)
+        # The predictions are its row-wise argmax, whatever the chunking.
+        pred = M.tip_adapter_predict(x, keys, values, w, 1.7, 5.5, chunk=16)
+        chex.assert_trees_all_equal(pred, want.argmax(1))
 
 
 def test_tip_adapter_search_matches_numpy_grid():
@@ -253,7 +314,7 @@ def test_sample_k_shot():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     idx = M.sample_k_shot(labels, 2, seed=3)
     assert len(idx) == 6 and np.all(np.bincount(labels[idx]) == 2)
-    np.testing.assert_array_equal(idx, M.sample_k_shot(labels, 2, seed=3))
+    chex.assert_trees_all_equal(idx, M.sample_k_shot(labels, 2, seed=3))
     with pytest.raises(
         ValueError, match="class 1 has 3 training examples; 4-shot needs at least 4"
     ):
@@ -280,21 +341,17 @@ def _probe_data(seed, n=400, d=12, c=4, noise=1.5):
 
 @pytest.mark.parametrize("c", [0.01, 1.0])
 def test_logistic_regression_matches_sklearn(c):
-    from sklearn.linear_model import LogisticRegression
-
     x, y = _probe_data(0)
     w, b = M.fit_logistic_regression(x, y, 4, c)
     sk = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x.astype(np.float64), y)
     ours = x.astype(np.float64) @ w + b
     ours = np.exp(ours - ours.max(1, keepdims=True))
     ours /= ours.sum(1, keepdims=True)
-    np.testing.assert_allclose(ours, sk.predict_proba(x), atol=2e-3)
+    chex.assert_trees_all_close(ours, sk.predict_proba(x), atol=2e-3)
     assert np.mean(ours.argmax(1) == sk.predict(x)) >= 0.99
 
 
 def test_linear_probe_protocol_matches_sklearn_sweep():
-    from sklearn.linear_model import LogisticRegression
-
     x, y = _probe_data(1, n=700)
     tr, va, te = np.arange(0, 400), np.arange(400, 550), np.arange(550, 700)
     cs = (1e-4, 1e-2, 1.0, 100.0)
@@ -329,5 +386,9 @@ def test_logistic_regression_chunked_equals_one_chunk():
     x, y = _probe_data(3, n=250)
     w1, b1 = M.fit_logistic_regression(x, y, 4, 1.0)
     w2, b2 = M.fit_logistic_regression(x, y, 4, 1.0, chunk=64)  # 4 chunks, the last one padded
-    np.testing.assert_allclose(w1, w2, atol=2e-3)
-    np.testing.assert_allclose(b1, b2, atol=2e-3)
+    chex.assert_trees_all_close((w1, b1), (w2, b2), atol=2e-3)
+
+
+def test_default_c_values_are_the_papers_and_the_configs():
+    chex.assert_trees_all_close(M.DEFAULT_C_VALUES, tuple(np.logspace(-6, 6, 13)), rtol=1e-12)
+    assert schema.config_schema().linear_probe.c_values == M.DEFAULT_C_VALUES

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from numpy.lib.stride_tricks import sliding_window_view
 
 from clip_jax.models import (
@@ -343,29 +344,54 @@ def _fn(name, method=None, **overrides):
     return jax.jit(functools.partial(model.apply, method=encoder))
 
 
-@pytest.mark.parametrize(
-    "name,overrides",
-    [
-        ("tiny-vit", {}),
+def _encoders(model, variant):
+    """(encode_image, encode_text, apply) of ``model`` under a chex variant (jit or not)."""
+    return (
+        variant(functools.partial(model.apply, method=CLIP.encode_image)),
+        variant(functools.partial(model.apply, method=CLIP.encode_text)),
+        variant(model.apply),
+    )
+
+
+class ApplyTest(chex.TestCase):
+    """``model.apply`` traced by jit and run op by op must agree with numpy."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("vit", "tiny-vit", {}),
         # At 32px the last ResNet map is 1x1, which would make attention pooling trivial.
-        ("tiny-rn", {"vision": (("image_size", 64),)}),
-    ],
-)
-def test_matches_numpy_reference(name, overrides):
-    model, variables = _init(name, **overrides)
-    config = model.config
-    images, tokens = _inputs(config)
-    p = _np(variables["params"])
-    img = _fn(name, "image", **overrides)(variables, images)
-    x = np_normalize(images.astype(np.float64))
-    if config.vision.kind == "vit":
-        ref_img = np_vit(x, p["visual"], config.vision)
-    else:
-        ref_img = np_resnet(x, p["visual"], _np(variables["batch_stats"]["visual"]), config.vision)
-    assert np.abs(ref_img).mean() > 0.1  # the comparison below is not between near-zeros
-    np.testing.assert_allclose(img, ref_img, rtol=2e-4, atol=2e-4)
-    txt = _fn(name, "text")(variables, tokens)  # text tower: same shapes as the base model
-    np.testing.assert_allclose(txt, np_text(tokens, p["text"], config.text), rtol=2e-4, atol=2e-4)
+        ("resnet", "tiny-rn", {"vision": (("image_size", 64),)}),
+    )
+    def test_matches_numpy_reference(self, name, overrides):
+        model, variables = _init(name, **overrides)
+        config = model.config
+        images, tokens = _inputs(config)
+        p = _np(variables["params"])
+        encode_image, encode_text, _ = _encoders(model, self.variant)
+        img = encode_image(variables, images)
+        x = np_normalize(images.astype(np.float64))
+        if config.vision.kind == "vit":
+            ref_img = np_vit(x, p["visual"], config.vision)
+        else:
+            batch_stats = _np(variables["batch_stats"]["visual"])
+            ref_img = np_resnet(x, p["visual"], batch_stats, config.vision)
+        assert np.abs(ref_img).mean() > 0.1  # the comparison below is not between near-zeros
+        chex.assert_trees_all_close(img, ref_img, rtol=2e-4, atol=2e-4)
+        ref_txt = np_text(tokens, p["text"], config.text)
+        chex.assert_trees_all_close(encode_text(variables, tokens), ref_txt, rtol=2e-4, atol=2e-4)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("vit", "tiny-vit"), ("resnet", "tiny-rn"))
+    def test_forward_shapes_dtypes_unit_norm(self, name):
+        model, variables = _init(name)
+        images, tokens = _inputs(model.config)
+        out = _encoders(model, self.variant)[2](variables, images, tokens)
+        assert set(out) == {"image_emb", "text_emb", "logit_scale"}
+        chex.assert_shape([out["image_emb"], out["text_emb"]], (2, 32))
+        chex.assert_type([out["image_emb"], out["text_emb"], out["logit_scale"]], jnp.float32)
+        chex.assert_shape(out["logit_scale"], ())
+        norms = [np.linalg.norm(out[key], axis=-1) for key in ("image_emb", "text_emb")]
+        chex.assert_trees_all_close(norms, [np.ones(2)] * 2, rtol=1e-5)
 
 
 def test_text_pools_first_eot_not_argmax():
@@ -376,7 +402,7 @@ def test_text_pools_first_eot_not_argmax():
     )
     txt = _fn("tiny-vit", "text", text=(("eot_token_id", 3),))(variables, tokens)
     ref = np_text(tokens, _np(variables["params"]["text"]), model.config.text)
-    np.testing.assert_allclose(txt, ref, rtol=2e-4, atol=2e-4)
+    chex.assert_trees_all_close(txt, ref, rtol=2e-4, atol=2e-4)
     # Shorter than context_length is fine (first L position embeddings).
     assert txt.shape == (2, 32)
 
@@ -393,20 +419,7 @@ def test_text_feature_depends_only_on_tokens_up_to_eot():
     a = np.asarray(enc(variables, np.stack([base, before])))
     b = np.asarray(enc(variables, np.stack([after, after])))
     assert np.abs(a[1] - a[0]).max() > 1e-3
-    np.testing.assert_allclose(b[0], a[0], rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
-def test_forward_shapes_dtypes_unit_norm(name):
-    model, variables = _init(name)
-    images, tokens = _inputs(model.config)
-    out = _fn(name)(variables, images, tokens)
-    assert set(out) == {"image_emb", "text_emb", "logit_scale"}
-    chex.assert_shape([out["image_emb"], out["text_emb"]], (2, 32))
-    chex.assert_type([out["image_emb"], out["text_emb"], out["logit_scale"]], jnp.float32)
-    chex.assert_shape(out["logit_scale"], ())
-    for key in ("image_emb", "text_emb"):
-        np.testing.assert_allclose(np.linalg.norm(out[key], axis=-1), 1.0, rtol=1e-5)
+    chex.assert_trees_all_close(b[0], a[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
@@ -436,7 +449,7 @@ def test_logit_scale_and_bias():
         return {**variables, "params": {**variables["params"], **fresh["params"]}}
 
     out = _fn("tiny-vit")(with_fresh_scalars(model), images, tokens)
-    np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-6)
+    chex.assert_trees_all_close(out["logit_scale"], np.float32(1 / 0.07), rtol=1e-6)
     assert "logit_bias" not in out
     big = {**variables, "params": {**variables["params"], "log_scale": jnp.float32(10.0)}}
     assert float(_fn("tiny-vit")(big, images, tokens)["logit_scale"]) == 100.0
@@ -445,8 +458,8 @@ def test_logit_scale_and_bias():
     fresh = with_fresh_scalars(CLIP(get_config("tiny-vit", **overrides)))
     assert set(fresh["params"]) == {"visual", "text", "log_scale", "logit_bias"}
     out = _fn("tiny-vit", **overrides)(fresh, images, tokens)
-    np.testing.assert_allclose(out["logit_scale"], 10.0, rtol=1e-6)
-    np.testing.assert_allclose(out["logit_bias"], -10.0)
+    chex.assert_trees_all_close(out["logit_scale"], np.float32(10.0), rtol=1e-6)
+    chex.assert_trees_all_close(out["logit_bias"], np.float32(-10.0), rtol=1e-7)
     chex.assert_type(out["logit_bias"], jnp.float32)
 
 
@@ -456,7 +469,9 @@ def test_uint8_equals_manual_normalisation(name):
     images, _ = _inputs(model.config, seed=3)
     enc = _fn(name, "image")
     manual = np_normalize(images.astype(np.float64)).astype(np.float32)
-    np.testing.assert_allclose(enc(variables, images), enc(variables, manual), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(
+        enc(variables, images), enc(variables, manual), rtol=1e-5, atol=1e-5
+    )
 
 
 def _loss_and_grads(name, policy, variables, images, tokens):
@@ -497,12 +512,12 @@ def test_remat_policies_match_none(name, policies, tower):
     for policy in policies:
         (loss, grads), checkpoints = _loss_and_grads(name, policy, variables, images, tokens)
         assert checkpoints > base, policy
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        chex.assert_trees_all_close(loss, ref_loss, rtol=1e-6)
         chex.assert_trees_all_equal_structs(grads, ref_grads)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             # Recomputation may reorder float sums: allow 1e-5 of the leaf's largest entry.
             scale = float(np.abs(r).max()) + 1e-6
-            np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * scale)
+            chex.assert_trees_all_close(g, r, rtol=0, atol=1e-5 * scale)
 
 
 def test_gelu_activation_differs_from_quick_gelu():

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
+import chex
 from test_train import DEMO, read_metrics, smoke
 
 from clip_jax import train as train_lib
@@ -41,7 +41,7 @@ def test_two_processes_train_like_one(demo_data_dir, tmp_path):
 
     want, got = read_metrics(one), read_metrics(two)
     assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose(
-        [got[s]["loss"] for s in got], [want[s]["loss"] for s in got], rtol=1e-5, atol=1e-6
+    chex.assert_trees_all_close(
+        {s: got[s]["loss"] for s in got}, {s: want[s]["loss"] for s in got}, rtol=1e-5, atol=1e-6
     )
     assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]

@@ -1,5 +1,6 @@
 """Tests for clip_jax.sharding: mesh construction, logical rules, parameter and batch shardings."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,7 +62,7 @@ def test_batch_and_replicated_shardings():
     for shard in x.addressable_shards:
         pos = np.argwhere(mesh.devices == shard.device)[0]
         start = (pos[0] * 2 + pos[1]) * 2
-        np.testing.assert_array_equal(shard.data[:, 0], np.arange(start, start + 2) * 3)
+        chex.assert_trees_all_equal(np.asarray(shard.data[:, 0]), np.arange(start, start + 2) * 3)
     assert sharding.replicated(mesh) == NamedSharding(mesh, P())
 
 
@@ -172,6 +173,27 @@ def test_dp_rules_replicate_everything():
     assert {s.spec for k, s in shardings["params"].items() if k != "mesh_named"} == {P()}
     with pytest.raises(ValueError, match=r"'dp', 'fsdp'"):
         sharding.logical_rules("zero3")
+
+
+def test_every_strategy_has_one_rule_per_logical_axis():
+    # The axis names of docs/architecture.md, written out: the models' list must not drift.
+    documented = {
+        "embed",
+        "mlp",
+        "heads",
+        "head_dim",
+        "vocab",
+        "position",
+        "proj",
+        "conv_in",
+        "conv_out",
+        "conv_h",
+        "conv_w",
+        "norm",
+    }
+    for strategy in sharding.STRATEGIES:
+        names = [name for name, _ in sharding.logical_rules(strategy)]
+        assert sorted(names) == sorted(documented), strategy
 
 
 def test_rules_work_with_flax_and_with_jit_init():

@@ -7,13 +7,14 @@ import os
 import shutil
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from clip_jax import config as config_lib
 from clip_jax import losses as losses_lib
-from clip_jax import optim
+from clip_jax import optim, sharding
 from clip_jax import step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.data import pipeline
@@ -85,27 +86,42 @@ def test_resume_is_exact(data_dir, tmp_path):
     os.remove(os.path.join(resumed, "metrics.jsonl"))
     train_lib.train(c, resumed)
     again = read_metrics(resumed)
-    for step in (3, 4):
-        np.testing.assert_allclose(again[step]["loss"], uninterrupted[step]["loss"], rtol=1e-6)
-        np.testing.assert_allclose(
-            again[step]["param_norm"], uninterrupted[step]["param_norm"], rtol=1e-6
-        )
+
+    def tracked(rows):
+        return {s: (rows[s]["loss"], rows[s]["param_norm"]) for s in (3, 4)}
+
+    chex.assert_trees_all_close(tracked(again), tracked(uninterrupted), rtol=1e-6)
 
 
 def test_fsdp_and_data_parallel_give_the_same_losses(data_dir, tmp_path):
     losses = {}
-    for name, (d, f) in {"dp": (8, 1), "fsdp": (2, 4)}.items():
-        c = smoke(DEMO, data_dir, total_steps=5, **{"mesh.data": d, "mesh.fsdp": f})
-        train_lib.train(c, str(tmp_path / name))
-        losses[name] = [read_metrics(str(tmp_path / name))[s]["loss"] for s in range(1, 6)]
-    np.testing.assert_allclose(losses["fsdp"], losses["dp"], rtol=1e-5, atol=1e-5)
+    for rules, (d, f) in {"dp": (8, 1), "fsdp": (2, 4)}.items():
+        c = smoke(
+            DEMO, data_dir, total_steps=5, **{"mesh.data": d, "mesh.fsdp": f, "mesh.rules": rules}
+        )
+        train_lib.train(c, str(tmp_path / rules))
+        losses[rules] = [read_metrics(str(tmp_path / rules))[s]["loss"] for s in range(1, 6)]
+    chex.assert_trees_all_close(losses["fsdp"], losses["dp"], rtol=1e-5, atol=1e-5)
 
 
-def test_fsdp_gives_each_device_a_quarter_of_every_large_parameter_and_moment(data_dir):
+def test_dp_rules_replicate_every_parameter_and_moment(data_dir, tmp_path):
+    c = smoke(DEMO, data_dir, **{"mesh.data": 2, "mesh.fsdp": 4, "mesh.rules": "dp"})
+    run = train_lib.setup(c, str(tmp_path))
+    abstract = step_lib.abstract_train_state(run.model, run.tx, run.mesh, c.mesh.rules)
+    leaves = jax.tree.leaves(abstract)
+    assert len(leaves) >= 60
+    assert all(x.sharding.is_fully_replicated for x in leaves)
+    # The same mesh under the default rules does split them (the test below checks how).
+    fsdp = step_lib.abstract_train_state(run.model, run.tx, run.mesh, "fsdp")
+    assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(fsdp))
+
+
+def test_fsdp_gives_each_device_a_quarter_of_every_large_parameter_and_moment(data_dir, tmp_path):
     c = smoke(DEMO, data_dir, **{"mesh.data": 2, "mesh.fsdp": 4})
-    _, _, mesh, model = train_lib.setup(c)
-    tx = optim.make_optimizer(c.optim, c.total_steps)
-    state, _ = step_lib.create_train_state(model, tx, mesh, c.seed)
+    assert c.mesh.rules == "fsdp"
+    run = train_lib.setup(c, str(tmp_path))
+    abstract = step_lib.abstract_train_state(run.model, run.tx, run.mesh, c.mesh.rules)
+    state = step_lib.create_train_state(run.model, run.tx, abstract, c.seed)
 
     def large(tree):
         return [
@@ -125,10 +141,11 @@ def test_fsdp_gives_each_device_a_quarter_of_every_large_parameter_and_moment(da
         assert len({str(s.index) for s in shards}) == 4, name
 
 
-def test_a_tiny_model_overfits_256_pairs(data_dir):
+def test_a_tiny_model_overfits_256_pairs(data_dir, tmp_path):
     c = smoke(DEMO, data_dir, batch_size=256, total_steps=150)
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 3e-3, 10, 0.0
-    _, tokenizer, mesh, model = train_lib.setup(c)
+    run = train_lib.setup(c, str(tmp_path))
+    model, mesh, tokenizer, tx = run.model, run.mesh, run.tokenizer, run.tx
     size = model.config.vision.image_size
     # 256 pairs with distinct captions, so that in-batch retrieval has one right answer.
     images, texts, seen = [], [], set()
@@ -141,11 +158,12 @@ def test_a_tiny_model_overfits_256_pairs(data_dir):
                 images.append(image)
                 texts.append(text)
     assert len(texts) == 256
-    batch = pipeline.to_global({"image": np.stack(images), "text": np.stack(texts)}, mesh)
+    batch = sharding.to_global({"image": np.stack(images), "text": np.stack(texts)}, mesh)
 
-    tx = optim.make_optimizer(c.optim, c.total_steps)
     loss_fn = losses_lib.make_loss(c.loss.kind, mesh, c.loss.impl)
-    state, shardings = step_lib.create_train_state(model, tx, mesh, c.seed)
+    abstract = step_lib.abstract_train_state(model, tx, mesh, c.mesh.rules)
+    shardings = step_lib.state_shardings(abstract)
+    state = step_lib.create_train_state(model, tx, abstract, c.seed)
     train_step = step_lib.make_train_step(
         model, tx, loss_fn, optim.schedule(c.optim, c.total_steps), shardings, mesh
     )

@@ -10,25 +10,28 @@ import importlib
 
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
 
+# name -> the module that defines it
 _LAZY = {
-    "Tokenizer": "tokenizer",
-    "train_tokenizer": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "ensure_prepared": "prepare",
-    "prepare": "prepare",
-    "train_loader": "pipeline",
-    "eval_loader": "pipeline",
-    "to_global": "pipeline",
-    "read_captions": "pipeline",
-    "dataset_info": "pipeline",
-    "demo_tokenizer": "builders.clip_demo",
-    "demo_tokenizer_path": "builders.clip_demo",
+    "Tokenizer": "clip_jax.data.tokenizer",
+    "train_tokenizer": "clip_jax.data.tokenizer",
+    "load_tokenizer": "clip_jax.data.tokenizer",
+    "demo_tokenizer": "clip_jax.data.tokenizer",
+    "demo_tokenizer_path": "clip_jax.data.tokenizer",
+    "ensure_prepared": "clip_jax.data.prepare",
+    "prepare": "clip_jax.data.prepare",
+    "train_loader": "clip_jax.data.pipeline",
+    "eval_loader": "clip_jax.data.pipeline",
+    "read_captions": "clip_jax.data.info",
+    "dataset_info": "clip_jax.data.info",
+    "to_global": "clip_jax.sharding",  # moved there; kept here for old callers
+    "default_data_dir": "clip_jax.data.paths",
+    "resolve_data_dir": "clip_jax.data.paths",
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"clip_jax.data.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'clip_jax.data' has no attribute {name!r}")
 
 

@@ -18,8 +18,8 @@ generator (deterministic and resumable) and counted in `loader.num_replaced`. Ev
 never substitutes: a corrupt image gets mask False and is counted in `num_corrupt`.
 
 Images leave the loader as uint8 NHWC (the model normalises on device); text as int32
-[b, context_length] from `Tokenizer.encode`. `to_global` turns host batches into global
-jax.Arrays sharded over the mesh's ('data', 'fsdp') axes.
+[b, context_length] from the tokenizer's `encode`. `clip_jax.sharding.to_global` turns host
+batches into global jax.Arrays.
 """
 
 from __future__ import annotations
@@ -27,109 +27,50 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Protocol
 
+import grain
+import jax
 import numpy as np
+from absl import flags
 
 from clip_jax.data import images as images_lib
 from clip_jax.data.errors import DataError
-from clip_jax.data.prepare import (
-    ensure_prepared,
-    not_prepared_error,
-    prepared_dir,
-    resolve_data_dir,
-)
+from clip_jax.data.info import dataset_info
+from clip_jax.data.source import Source, record_captions
 
 __all__ = [
     "train_loader",
     "eval_loader",
-    "to_global",
-    "read_captions",
-    "dataset_info",
-    "ensure_prepared",
+    "TextEncoder",
     "TrainLoader",
     "EvalLoader",
-    "BATCH_AXES",
     "STATE_VERSION",
 ]
 
-BATCH_AXES = ("data", "fsdp")  # the same axes as clip_jax.sharding.BATCH_AXES
 STATE_VERSION = 1
 MAX_REPLACEMENTS = 32  # consecutive corrupt draws for one position before giving up
 _STATE_KEYS = ("seed", "num_records", "global_batch_size", "num_epochs")
 
 
-# ---------------------------------------------------------------------------------------
-# Source
-# ---------------------------------------------------------------------------------------
+class TextEncoder(Protocol):
+    """What the loaders need of a tokenizer (`clip_jax.data.tokenizer.Tokenizer` is one)."""
 
-
-def _open_tfds(name: str, split: str, data_dir: str | None):
-    import tensorflow_datasets as tfds
-
-    if prepared_dir(name, data_dir) is None:
-        raise not_prepared_error(name, data_dir)
-    ensure_prepared(name, data_dir, splits=split)  # raises naming the available splits
-    return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir), download=False)
-
-
-class _Source:
-    """A tfds ArrayRecord data source opened lazily, pickled as (name, split, data_dir) so
-    grain worker processes open their own file handles."""
-
-    def __init__(self, name: str, split: str, data_dir: str | None):
-        self.name, self.split, self.data_dir = name, split, resolve_data_dir(data_dir)
-        self._ds = _open_tfds(name, split, self.data_dir)
-        self._len = len(self._ds)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getstate__(self):
-        return {
-            "name": self.name,
-            "split": self.split,
-            "data_dir": self.data_dir,
-            "_len": self._len,
-        }
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._ds = None
-
-    def get(self, indices: Sequence[int]) -> list[dict]:
-        if self._ds is None:
-            self._ds = _open_tfds(self.name, self.split, self.data_dir)
-        return list(self._ds.__getitems__([int(i) for i in indices]))
-
-
-def _captions(record: dict) -> list[str]:
-    cap = record["caption"]
-    if isinstance(cap, (bytes, str)):
-        cap = [cap]
-    return [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in cap]
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 [len(texts), context_length]."""
+        ...
 
 
 def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
-    if shard_index is None or shard_count is None:
-        import jax
-
-        shard_index = jax.process_index() if shard_index is None else shard_index
-        shard_count = jax.process_count() if shard_count is None else shard_count
+    if shard_index is None:
+        shard_index = jax.process_index()
+    if shard_count is None:
+        shard_count = jax.process_count()
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise DataError(f"shard_index must be in [0, shard_count); got {shard_index}/{shard_count}")
     return int(shard_index), int(shard_count)
-
-
-def _as_tokenizer(tokenizer):
-    if tokenizer is None or hasattr(tokenizer, "encode"):
-        return tokenizer
-    from clip_jax.data.tokenizer import Tokenizer
-
-    return Tokenizer(os.fspath(tokenizer))
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,15 +80,15 @@ def _as_tokenizer(tokenizer):
 
 @dataclasses.dataclass
 class _TrainBatch:
-    source: _Source
-    order: Any  # grain MapDataset: global position -> record index
+    source: Source
+    order: grain.MapDataset  # global position -> record index
     seed: int
     host_batch: int
     shard_index: int
     shard_count: int
     image_size: int
     crop_scale: tuple[float, float]
-    tokenizer: Any
+    tokenizer: TextEncoder
 
     def positions(self, k: int) -> list[int]:
         b, s = self.host_batch, self.shard_count
@@ -176,19 +117,19 @@ class _TrainBatch:
                     f"{self.source.name}/{self.source.split}; is the dataset broken?"
                 )
             out[j] = images_lib.random_square_crop(img, size, rng, self.crop_scale)
-            caps = _captions(rec)
+            caps = record_captions(rec)
             texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
         return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
 
 
 @dataclasses.dataclass
 class _EvalBatch:
-    source: _Source
+    source: Source
     host_batch: int
     shard_index: int
     shard_count: int
     image_size: int
-    tokenizer: Any
+    tokenizer: TextEncoder | None
     has_label: bool
 
     def __call__(self, k: int) -> dict:
@@ -203,7 +144,7 @@ class _EvalBatch:
         texts, corrupt = [], 0
         for j, p in enumerate(positions):
             rec = records.get(p)
-            texts.append(_captions(rec)[0] if rec is not None else "")
+            texts.append(record_captions(rec)[0] if rec is not None else "")
             if rec is None:
                 continue
             index[j] = p
@@ -228,16 +169,12 @@ def _allow_unparsed_grain_flag() -> None:
     """grain 0.2.18 reads an absl flag in mp_prefetch that raises UnparsedFlagAccessError
     when the program did not parse absl flags (pytest, plain scripts; google/grain#1355,
     fixed upstream by #1362). Mark just that flag as given so its default is used."""
-    from absl import flags
-
     name = "grain_enable_multiprocess_worker_profiling"
     if not flags.FLAGS.is_parsed() and name in flags.FLAGS:
         flags.FLAGS[name].present = True
 
 
 def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
-    import grain
-
     if num_workers > 0:
         _allow_unparsed_grain_flag()
     ds = grain.MapDataset.range(start, stop).map(batch_fn)
@@ -269,11 +206,11 @@ class TrainLoader:
 
     def __init__(
         self,
-        source: _Source,
+        source: Source,
         *,
         global_batch_size: int,
         image_size: int,
-        tokenizer,
+        tokenizer: TextEncoder,
         seed: int,
         crop_scale,
         num_epochs,
@@ -283,8 +220,6 @@ class TrainLoader:
         shard_index: int,
         shard_count: int,
     ):
-        import grain
-
         n = len(source)
         if global_batch_size % shard_count:
             raise DataError(
@@ -329,7 +264,7 @@ class TrainLoader:
             shard_count,
             int(image_size),
             (float(lo), float(hi)),
-            _as_tokenizer(tokenizer),
+            tokenizer,
         )
         self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
         self.shard_index, self.shard_count = shard_index, shard_count
@@ -410,7 +345,7 @@ def train_loader(
     *,
     global_batch_size: int,
     image_size: int,
-    tokenizer,
+    tokenizer: TextEncoder,
     seed: int,
     crop_scale=(0.9, 1.0),
     num_epochs: int | None = None,
@@ -422,15 +357,15 @@ def train_loader(
 ) -> TrainLoader:
     """Training batches for this host (see the module docstring for the sampling rules).
 
-    tokenizer: a `Tokenizer` or a path to a .model file. num_workers: grain worker
+    tokenizer: a `Tokenizer` (anything with its `encode`). num_workers: grain worker
     processes (0: decode in this process, in `num_threads` background threads when
     prefetch > 0). shard_index/shard_count default to jax.process_index()/process_count().
     Raises DatasetNotPreparedError (with the command to run) if the split is missing.
     """
     if tokenizer is None:
-        raise DataError("train_loader needs a tokenizer (a Tokenizer or a .model path)")
+        raise DataError("train_loader needs a tokenizer (clip_jax.data.tokenizer.Tokenizer)")
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
-    source = _Source(name, split, data_dir)
+    source = Source(name, split, data_dir)
     return TrainLoader(
         source,
         global_batch_size=global_batch_size,
@@ -460,11 +395,11 @@ class EvalLoader:
 
     def __init__(
         self,
-        source: _Source,
+        source: Source,
         *,
         batch_size: int,
         image_size: int,
-        tokenizer,
+        tokenizer: TextEncoder | None,
         num_workers: int,
         num_threads: int,
         prefetch: int,
@@ -487,7 +422,7 @@ class EvalLoader:
             shard_index,
             shard_count,
             int(image_size),
-            _as_tokenizer(tokenizer),
+            tokenizer,
             has_label,
         )
         self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
@@ -518,7 +453,7 @@ def eval_loader(
     *,
     batch_size: int,
     image_size: int,
-    tokenizer=None,
+    tokenizer: TextEncoder | None = None,
     num_workers: int = 0,
     prefetch: int = 2,
     num_threads: int = 1,
@@ -528,7 +463,7 @@ def eval_loader(
     """Ordered evaluation batches holding every example once (batch_size is global; the
     last batches are padded with mask False so every host runs the same number)."""
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
-    source = _Source(name, split, data_dir)
+    source = Source(name, split, data_dir)
     has_label = "label" in dataset_info(name, data_dir)["features"]
     return EvalLoader(
         source,
@@ -542,69 +477,3 @@ def eval_loader(
         shard_count=shard_count,
         has_label=has_label,
     )
-
-
-# ---------------------------------------------------------------------------------------
-# Metadata helpers and device hand-off
-# ---------------------------------------------------------------------------------------
-
-
-def read_captions(
-    name: str, split: str, data_dir: str | None = None, chunk: int = 1024
-) -> list[list[str]]:
-    """Every example's captions, in index order (the eval loader's 'index'): a list of
-    lists, so retrieval with several captions per image works."""
-    src = _Source(name, split, data_dir)
-    out = []
-    for start in range(0, len(src), chunk):
-        out.extend(_captions(r) for r in src.get(range(start, min(len(src), start + chunk))))
-    return out
-
-
-def dataset_info(name: str, data_dir: str | None = None) -> dict:
-    """{'name', 'path', 'num_examples': {split: n}, 'class_names' (label names or None),
-    'label_names': {feature: names} for every class-label feature, 'features': [...],
-    'metadata': {...}} read from the prepared files (no TensorFlow)."""
-    path = prepared_dir(name, data_dir)
-    if path is None:
-        raise not_prepared_error(name, data_dir)
-    with open(os.path.join(path, "dataset_info.json")) as f:
-        info = json.load(f)
-    num = {s["name"]: sum(int(x) for x in s.get("shardLengths", [])) for s in info["splits"]}
-    with open(os.path.join(path, "features.json")) as f:
-        feats = json.load(f)
-    feature_names = list(feats["featuresDict"]["features"].keys())
-    label_names = {}
-    for fname, spec in feats["featuresDict"]["features"].items():
-        if "classLabel" in spec:
-            txt = os.path.join(path, f"{fname}.labels.txt")
-            if os.path.isfile(txt):
-                with open(txt) as f:
-                    label_names[fname] = [line.rstrip("\n") for line in f if line.strip()]
-    metadata = {}
-    meta_path = os.path.join(path, "metadata.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            metadata = json.load(f)
-    return {
-        "name": name,
-        "path": path,
-        "num_examples": num,
-        "class_names": label_names.get("label"),
-        "label_names": label_names,
-        "features": feature_names,
-        "metadata": metadata,
-    }
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """Host batch -> dict of global jax.Arrays, dim 0 sharded over the mesh's batch axes
-    (NamedSharding(mesh, P(('data', 'fsdp'))), as clip_jax.sharding.batch_sharding)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes))
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }

@@ -3,12 +3,19 @@
     python -m clip_jax.data.prepare --source='shards/{00000..00099}.tar' --name=my_set \
         --data_dir=/data/tfds [--val_fraction=0.01] [--max_size=512]
     python -m clip_jax.data.prepare --source=captions.jsonl --name=my_set --data_dir=...
+    python -m clip_jax.data.prepare --source=pets/ --name=my_pets --split=test  # class folders
     python -m clip_jax.data.prepare --name=clip_demo --data_dir=/data/tfds
 
 Sources: webdataset tars as written by img2dataset (KEY.jpg|png|webp + KEY.txt, optional
-KEY.json), as paths, brace patterns ("{000..099}"), globs or a folder; or JSONL / CSV
-files whose rows name an image (path relative to the file) and a caption (a string, or a
-list of strings in JSONL). Prints progress while writing and a summary at the end.
+KEY.json), as paths, brace patterns ("{000..099}"), globs or a folder; JSONL / CSV
+files whose rows name an image (path relative to the file, inside its folder unless
+--allow_outside_paths) and a caption (a string, or a list of strings in JSONL), and with
+--label_field a class; or a folder of class sub-folders (FOLDER/CLASS/IMAGE, captions are
+the class names). Labelled sources store a 'label' ClassLabel, so `evaluate
+--tasks=zeroshot:NAME@SPLIT` works on them. --split=NAME writes every example to that
+split, beside the splits the dataset already has. Examples that cannot be used (bad
+image or caption, duplicate key, path outside the folder, text not valid in --encoding)
+are skipped and counted by reason. Prints progress while writing and a summary at the end.
 """
 
 from __future__ import annotations
@@ -16,28 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
+from clip_jax.data import paths
+from clip_jax.data.builders import sources
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
 
 DEMO_NAME = "clip_demo"
 SUMMARY_FILE = "import_summary.json"
-
-
-def resolve_data_dir(data_dir: str | None) -> str:
-    """data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (as tfds does)."""
-    if data_dir:
-        return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
-    env = os.environ.get("TFDS_DATA_DIR")
-    return os.path.abspath(os.path.expanduser(env or "~/tensorflow_datasets"))
+_SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def prepared_dir(name: str, data_dir: str | None) -> str | None:
     """The newest prepared version folder of `name`, or None."""
-    root = os.path.join(resolve_data_dir(data_dir), name)
+    root = os.path.join(paths.resolve_data_dir(data_dir), name)
     if not os.path.isdir(root):
         return None
     versions = []
@@ -55,7 +59,7 @@ def prepared_dir(name: str, data_dir: str | None) -> str | None:
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:
-    d = resolve_data_dir(data_dir)
+    d = paths.resolve_data_dir(data_dir)
     if name == DEMO_NAME:
         return f"python -m clip_jax.data.prepare --name={DEMO_NAME} --data_dir={d}"
     return (
@@ -67,7 +71,7 @@ def prepare_command(name: str, data_dir: str | None) -> str:
 def not_prepared_error(
     name: str, data_dir: str | None, split: str | None = None, available=None
 ) -> DatasetNotPreparedError:
-    d = resolve_data_dir(data_dir)
+    d = paths.resolve_data_dir(data_dir)
     if split is not None and available is not None:
         return DatasetNotPreparedError(
             f"split {split!r} of dataset {name!r} is not prepared in {d} (available: "
@@ -101,16 +105,38 @@ def ensure_prepared(
     if isinstance(splits, str):
         splits = [splits]
     if splits:
-        with open(os.path.join(path, "dataset_info.json")) as f:
-            available = [s["name"] for s in json.load(f).get("splits", [])]
+        available = split_names(path)
         for split in splits:
             if split not in available:
                 raise not_prepared_error(name, data_dir, split, available)
     return path
 
 
+def split_names(path: str) -> list[str]:
+    """The splits written in the version folder `path`."""
+    with open(os.path.join(path, "dataset_info.json")) as f:
+        return [s["name"] for s in json.load(f).get("splits", [])]
+
+
+def check_data_dir(data_dir: str) -> None:
+    """A DataError (one line, with the fix) unless `data_dir` is, or can be, a writable folder."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} is a file; pass a folder for the datasets")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot create --data_dir {data_dir}: {e.strerror or e}; pass a folder you can write"
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataError(
+            f"--data_dir {data_dir} is not writable (read-only file system or permissions); "
+            "pass a folder you can write"
+        )
+
+
 def _download_config(overwrite: bool):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy, only needed to write a dataset)
 
     mode = (
         tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
@@ -144,6 +170,12 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"  {split}: {s['examples']} examples written, {_human(s['bytes'])} on disk{extra}"
         )
+    if summary.get("kept_splits"):
+        lines.append(f"  kept as they were: {', '.join(summary['kept_splits'])}")
+    if summary.get("class_names") is not None:
+        names = summary["class_names"]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} classes)" if len(names) > 8 else "")
+        lines.append(f"  label: {len(names)} classes ({shown})")
     skipped = summary.get("skipped", {})
     if "skipped" in summary:
         lines.append(f"  skipped: {sum(skipped.values())}")
@@ -171,10 +203,18 @@ def prepare_demo(
     verbose: bool = True,
 ) -> dict:
     """Builds clip_demo (see builders/clip_demo.py); returns the summary dict."""
-    from clip_jax.data.builders import clip_demo
+    from clip_jax.data.builders import clip_demo  # noqa: PLC0415 (imports tensorflow_datasets)
 
     t0 = time.time()
-    d = resolve_data_dir(data_dir)
+    if num_train < 1 or num_validation < 0 or num_test < 0:
+        raise DataError(
+            f"clip_demo needs --num_train >= 1 and --num_validation, --num_test >= 0; got "
+            f"{num_train}, {num_validation}, {num_test}"
+        )
+    if image_size < 1:
+        raise DataError(f"--image_size must be a positive number of pixels, got {image_size}")
+    d = paths.resolve_data_dir(data_dir)
+    check_data_dir(d)
     builder = clip_demo.ClipDemo(
         data_dir=d,
         seed=seed,
@@ -205,89 +245,174 @@ def prepare_image_text(
     image_field: str = "image",
     caption_field: str = "caption",
     key_field: str | None = None,
+    label_field: str | None = None,
+    split: str | None = None,
+    encoding: str = "utf-8",
+    allow_outside_paths: bool = False,
     num_threads: int = 4,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict:
-    """Imports a user's image-text data as tfds dataset `name`; returns the summary dict
-    (also written to <version folder>/import_summary.json).
+    """Imports a user's image-text (or labelled image) data as tfds dataset `name`; returns
+    the summary dict (also written to <version folder>/import_summary.json, or
+    import_summary_SPLIT.json for a split added to a prepared dataset).
 
+    split: write every example to this split (no validation hold-out); a prepared dataset
+    keeps its other splits and gets this one added (replaced with `overwrite`).
     Raises DataError (one line) for a missing/empty/unreadable source or a missing field.
     """
-    from clip_jax.data.builders import image_text, sources
+    from clip_jax.data.builders import image_text  # noqa: PLC0415 (imports tensorflow_datasets)
 
     t0 = time.time()
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_size is not None and max_size < 1:
         raise DataError(f"max_size must be a positive number of pixels, got {max_size}")
-    d = resolve_data_dir(data_dir)
+    if split is not None and not _SPLIT_RE.match(split):
+        raise DataError(f"invalid --split {split!r} (expected lower_snake_case, e.g. 'test')")
+    read = sources.ReadOptions(
+        image_field=image_field,
+        caption_field=caption_field,
+        key_field=key_field,
+        label_field=label_field,
+        encoding=sources.check_encoding(encoding),
+        allow_outside_paths=allow_outside_paths,
+    )
+    d = paths.resolve_data_dir(data_dir)
     files = sources.expand_sources(source)
-    nonempty = [f for f in files if sources.check_source(f, image_field, caption_field)]
+    nonempty = [f for f in files if sources.check_source(f, read)]
     if not nonempty:
         shown = files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)"
         raise DataError(f"source is empty: {shown} ({sources.EXPECTED})")
     empty = [f for f in files if f not in nonempty]
-    config = image_text.ImportConfig(
-        sources=nonempty,
-        val_fraction=val_fraction,
-        max_size=max_size,
-        image_field=image_field,
-        caption_field=caption_field,
-        key_field=key_field,
-        num_threads=num_threads,
-        progress=verbose,
-    )
+    check_data_dir(d)
     existing = prepared_dir(name, d)
-    if existing and not overwrite:
-        builder = image_text.make_builder(name, d, config)
+    adding = bool(split and existing)
+    if existing and (split in split_names(existing) if adding else True) and not overwrite:
+        builder = image_text.make_builder(name, d)
+        what = f"split {split!r} " if adding else ""
         summary = {
             "name": name,
             "path": existing,
             "splits": _split_summary(builder),
-            "note": "already prepared; pass --overwrite to import again",
+            "note": f"{what}already prepared; pass --overwrite to import again",
         }
         if verbose:
-            print(format_summary(summary) + "\n  (already prepared; --overwrite to re-import)")
+            print(
+                format_summary(summary) + f"\n  ({what}already prepared; --overwrite to re-import)"
+            )
         return summary
-    if existing:
+    class_names = _class_names(name, nonempty, read, existing if adding else None)
+    config = image_text.ImportConfig(
+        sources=nonempty,
+        read=read,
+        val_fraction=val_fraction,
+        max_size=max_size,
+        class_names=class_names,
+        split=split,
+        num_threads=num_threads,
+        progress=verbose,
+    )
+    if existing and not adding:
         shutil.rmtree(existing)
-    builder = image_text.make_builder(name, d, config)
+    # A split added to a prepared dataset is written on its own, then moved in.
+    build_dir = tempfile.mkdtemp(prefix=f".{name}-{split}-", dir=d) if adding else d
+    builder = image_text.make_builder(name, build_dir, config)
     if verbose:
+        into = f"split {split!r} of " if split else ""
         print(
-            f"importing {len(nonempty)} source file(s) into {name!r} ({len(empty)} empty skipped)",
+            f"importing {len(nonempty)} source(s) into {into}{name!r} ({len(empty)} empty skipped)",
             flush=True,
         )
     try:
         builder.download_and_prepare(download_config=_download_config(overwrite))
+        if adding:
+            built = os.path.join(build_dir, name, image_text.VERSION)
+            image_text.merge_split(existing, built, name, split)
     except BaseException:
         root = os.path.join(d, name)
-        if os.path.isdir(root) and not os.listdir(root):
+        if adding:
+            shutil.rmtree(build_dir, ignore_errors=True)
+        elif os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # leave no trace of a failed import
         raise
+    if adding:
+        shutil.rmtree(build_dir, ignore_errors=True)
     stats = builder.stats
     skipped = dict(stats.skipped)
     if empty:
         skipped["empty source file"] = len(empty)
+    path = prepared_dir(name, d)
     summary = {
         "name": name,
-        "path": prepared_dir(name, d),
+        "path": path,
         "sources": len(files),
         "splits": _split_summary(builder),
+        "kept_splits": [s for s in split_names(path) if s != split] if adding else [],
+        "class_names": class_names,
         "image_bytes": dict(stats.image_bytes),
         "skipped": skipped,
         "skipped_examples": {k: v for k, v in stats.examples.items()},
         "reencoded": stats.reencoded,
-        "notes": list(stats.notes),
+        "notes": list(stats.notes) + _notes(skipped, read),
         "seconds": time.time() - t0,
     }
     if empty:
         summary["skipped_examples"]["empty source file"] = empty[:5]
-    with open(os.path.join(summary["path"], SUMMARY_FILE), "w") as f:
+    summary_file = f"import_summary_{split}.json" if adding else SUMMARY_FILE
+    with open(os.path.join(path, summary_file), "w") as f:
         json.dump(summary, f, indent=1)
     if verbose:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _class_names(
+    name: str, files: list[str], read: sources.ReadOptions, existing: str | None
+) -> list[str] | None:
+    """The ClassLabel names of the import (None: unlabelled). A split added to a prepared
+    dataset keeps that dataset's classes, and must not bring new ones."""
+    from clip_jax.data.builders import image_text  # noqa: PLC0415 (imports tensorflow_datasets)
+
+    labelled = bool(read.label_field) or any(os.path.isdir(f) for f in files)
+    labels = set().union(*(sources.source_labels(f, read) for f in files))
+    if labelled and not labels:
+        raise DataError(
+            f"no class found in {files[0]} (label field {read.label_field!r} is empty in every "
+            "row); pass the right --label_field"
+        )
+    if existing is None:
+        return sources.sort_class_names(labels) if labelled else None
+    known = image_text.existing_class_names(existing)
+    if known is None and labelled:
+        raise DataError(
+            f"dataset {name!r} has no labels, so a labelled split cannot join it; import the "
+            "labelled data under another --name"
+        )
+    if known is not None and not labelled:
+        raise DataError(
+            f"dataset {name!r} is labelled ({len(known)} classes); pass --label_field=COLUMN, or "
+            "a folder of class sub-folders"
+        )
+    unknown = sorted(labels - set(known or ()))
+    if unknown:
+        raise DataError(
+            f"classes not in dataset {name!r}: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''} (it has: {', '.join(known[:8])}"
+            f"{' ...' if len(known) > 8 else ''}); re-import it with every class, or use "
+            "another --name"
+        )
+    return known
+
+
+def _notes(skipped: dict, read: sources.ReadOptions) -> list[str]:
+    """Hints for the skip reasons a flag can fix."""
+    if any("not valid UTF-8" in reason for reason in skipped) and read.encoding == "utf-8":
+        return [
+            "rows not valid UTF-8 were skipped; if a JSONL/CSV file is in another encoding, "
+            "pass --encoding (e.g. --encoding=cp1252 or latin-1)"
+        ]
+    return []
 
 
 def prepare(name: str, data_dir: str | None = None, source=None, **kwargs) -> dict:
@@ -326,6 +451,23 @@ def main(argv=None) -> int:
     p.add_argument("--image_field", default="image")
     p.add_argument("--caption_field", default="caption")
     p.add_argument("--key_field", default=None)
+    p.add_argument(
+        "--label_field",
+        default=None,
+        help="JSONL/CSV column holding each image's class: stores a 'label' ClassLabel "
+        "(class sub-folders need no flag)",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="write every example to this split (e.g. test), added to the dataset's splits",
+    )
+    p.add_argument("--encoding", default="utf-8", help="text encoding of JSONL/CSV files")
+    p.add_argument(
+        "--allow_outside_paths",
+        action="store_true",
+        help="read JSONL/CSV image paths that are absolute or climb out of the file's folder",
+    )
     p.add_argument("--num_threads", type=int, default=4, help="image check threads")
     p.add_argument("--overwrite", action="store_true")
     demo = p.add_argument_group("clip_demo")
@@ -358,11 +500,19 @@ def main(argv=None) -> int:
                 image_field=args.image_field,
                 caption_field=args.caption_field,
                 key_field=args.key_field,
+                label_field=args.label_field,
+                split=args.split,
+                encoding=args.encoding,
+                allow_outside_paths=args.allow_outside_paths,
                 num_threads=args.num_threads,
                 overwrite=args.overwrite,
             )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file vanished or became unreadable while importing
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot access{where}: {e.strerror or e}; check the path", file=sys.stderr)
         return 2
     return 0
 

@@ -20,10 +20,12 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import codecs
 import html
 import json
 import os
 import re
+import socket
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -31,9 +33,20 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from clip_jax.data import paths
+from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.errors import DataError
+from clip_jax.data.info import read_captions
 
-__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "clean_text", "CLEAN_MODES"]
+__all__ = [
+    "Tokenizer",
+    "train_tokenizer",
+    "load_tokenizer",
+    "demo_tokenizer",
+    "demo_tokenizer_path",
+    "clean_text",
+    "CLEAN_MODES",
+]
 
 CLEAN_MODES = ("clip", "whitespace", "none")
 _WS = re.compile(r"\s+")
@@ -223,13 +236,17 @@ def train_tokenizer(
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
 
     count = [0]
+    reading_error = []  # sentencepiece would wrap it in its own RuntimeError
 
     def sentences():
-        for c in captions:
-            t = clean_text(c, clean, lowercase)
-            if t:
-                count[0] += 1
-                yield t
+        try:
+            for c in captions:
+                t = clean_text(c, clean, lowercase)
+                if t:
+                    count[0] += 1
+                    yield t
+        except DataError as e:
+            reading_error.append(e)
 
     spm.set_random_generator_seed(int(seed))
     try:
@@ -258,12 +275,16 @@ def train_tokenizer(
             split_digits=True,
             minloglevel=2,
         )
+        if reading_error:
+            raise reading_error[0]
     except RuntimeError as e:
+        if reading_error:
+            raise reading_error[0] from None
         if count[0] == 0:
             raise DataError(
                 "no captions to train the tokenizer on (all empty after clean-up)"
             ) from None
-        raise DataError(f"sentencepiece training failed: {e}") from None
+        raise DataError(_training_error(str(e), vocab_size, character_coverage)) from None
     with open(prefix + ".json", "w") as f:
         json.dump(
             {
@@ -279,6 +300,75 @@ def train_tokenizer(
     return prefix + ".model"
 
 
+def _training_error(message: str, vocab_size: int, character_coverage: float) -> str:
+    """sentencepiece's failure as a one-line fix in this command line's options: the
+    vocabulary sizes the corpus supports are spelled out (sentencepiece names them in its
+    own words and flag names)."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", message)
+    if too_high:
+        most = int(too_high.group(2))
+        return (
+            f"--vocab_size={vocab_size} is more than these captions support (at most {most} "
+            f"pieces); pass --vocab_size={most} or less, or --soft_vocab_limit to take what "
+            "they support, or train on more captions"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        least = int(too_low.group(2))
+        lower = (
+            ", or a lower --character_coverage (down to 0.98: rarer characters are then spelled "
+            "in bytes)"
+            if character_coverage > 0.98
+            else ""
+        )
+        return (
+            f"--vocab_size={vocab_size} is less than the {least} pieces these captions need "
+            f"(their characters at --character_coverage={character_coverage}, plus the byte and "
+            f"special pieces); pass --vocab_size={least} or more{lower}"
+        )
+    return f"sentencepiece training failed: {message.splitlines()[0] if message else 'unknown'}"
+
+
+DEMO_VOCAB_SIZE = 512
+
+
+def demo_tokenizer_path(data_dir: str | None = None) -> str:
+    """Path of the clip_demo sentencepiece model: trained once (deterministically, < 1 s)
+    from every caption the demo can produce, cached in `data_dir/clip_demo/tokenizer/`."""
+    from clip_jax.data.builders import clip_demo  # noqa: PLC0415 (imports tensorflow_datasets)
+
+    folder = os.path.join(paths.resolve_data_dir(data_dir), clip_demo.NAME, "tokenizer")
+    stem = os.path.join(folder, f"clip_demo_v{clip_demo.VERSION}_bpe{DEMO_VOCAB_SIZE}")
+    path = stem + ".model"
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        # Several hosts may train it at once (same bytes): unique temp names, atomic renames.
+        tmp_prefix = os.path.join(folder, f".tmp_{socket.gethostname()}_{os.getpid()}")
+        # BPE: on this tiny, repetitive corpus unigram keeps too few pieces; BPE learns every
+        # word as one piece (byte fallback still covers any other text).
+        train_tokenizer(
+            clip_demo.all_caption_variants(),
+            tmp_prefix,
+            DEMO_VOCAB_SIZE,
+            model_type="bpe",
+            hard_vocab_limit=False,
+            seed=0,
+        )
+        for ext in (".vocab", ".json", ".model"):  # .model last: its presence means complete
+            os.replace(tmp_prefix + ext, stem + ext)
+    return path
+
+
+def demo_tokenizer(data_dir: str | None = None, context_length: int = 77) -> Tokenizer:
+    """A `Tokenizer` for clip_demo captions (see `demo_tokenizer_path`)."""
+    return Tokenizer(demo_tokenizer_path(data_dir), context_length=context_length)
+
+
+# config.tokenizer.kind: a sentencepiece model (default, for training from scratch) or the
+# CLIP BPE of pretrained OpenAI/OpenCLIP/HF models (clip_jax.data.bpe, shipped vocabulary).
+TOKENIZER_KINDS = ("sentencepiece", "clip_bpe")
+
+
 def load_tokenizer(
     path: str | None,
     *,
@@ -287,25 +377,34 @@ def load_tokenizer(
     context_length: int = 77,
     lowercase: bool | None = None,
     clean: str | None = None,
-) -> Tokenizer:
+    kind: str = "sentencepiece",
+) -> Tokenizer | ClipBPETokenizer:
     """The trainer's entry point (config.tokenizer.*).
 
-    path: a sentencepiece .model. Empty/None: the demo tokenizer when dataset is clip_demo
-    (trained on first use, cached under data_dir/clip_demo/tokenizer/); for any other
-    dataset a DataError saying how to train one.
+    kind='clip_bpe': the CLIP BPE tokenizer (path must be empty; it lowercases and cleans
+    as CLIP does). kind='sentencepiece': path is a sentencepiece .model. Empty/None: the
+    demo tokenizer when dataset is clip_demo (trained on first use, cached under
+    data_dir/clip_demo/tokenizer/); for any other dataset a DataError saying how to train one.
     """
+    if kind not in TOKENIZER_KINDS:
+        raise DataError(f"tokenizer kind {kind!r} is unknown; allowed: {TOKENIZER_KINDS}")
+    if kind == "clip_bpe":
+        if path:
+            raise DataError(
+                f"tokenizer.path {path!r} is set but tokenizer.kind='clip_bpe' uses the "
+                "packaged CLIP vocabulary; leave tokenizer.path empty"
+            )
+        return ClipBPETokenizer(context_length=context_length)
     if path:
         return Tokenizer(path, context_length=context_length, lowercase=lowercase, clean=clean)
     if dataset == "clip_demo":
-        from clip_jax.data.builders import clip_demo
-
         return Tokenizer(
-            clip_demo.demo_tokenizer_path(data_dir),
+            demo_tokenizer_path(data_dir),
             context_length=context_length,
             lowercase=lowercase,
             clean=clean,
         )
-    d = data_dir or "~/tensorflow_datasets"
+    d = paths.resolve_data_dir(data_dir)
     raise DataError(
         f"no tokenizer given for dataset {dataset!r} (tokenizer.path is empty); "
         f"train one with: python -m clip_jax.data.tokenizer --dataset={dataset} "
@@ -313,14 +412,20 @@ def load_tokenizer(
     )
 
 
-def _read_caption_file(path: str) -> Iterable[str]:
+def _read_caption_file(path: str, encoding: str = "utf-8") -> Iterable[str]:
     if not os.path.isfile(path):
         raise DataError(
             f"captions file not found: {path} (expected a text file, one caption a line)"
         )
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                yield line.decode(encoding).rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"line {n} of {path} is not valid {encoding}; pass the file's --encoding "
+                    "(e.g. --encoding=cp1252 or latin-1)"
+                ) from None
 
 
 def main(argv=None) -> int:
@@ -343,13 +448,31 @@ def main(argv=None) -> int:
         action="store_true",
         help="allow a smaller vocabulary than asked for when the corpus is small",
     )
+    p.add_argument(
+        "--character_coverage",
+        type=float,
+        default=0.9995,
+        help="fraction of the characters that get pieces of their own; the rarest others are "
+        "spelled in bytes (sentencepiece's option; lower it for scripts with many characters)",
+    )
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the --captions files")
     args = p.parse_args(argv)
     try:
+        if not 0.98 <= args.character_coverage <= 1:  # sentencepiece's own range
+            raise DataError(
+                f"--character_coverage must be in [0.98, 1], got {args.character_coverage}"
+            )
+        if args.vocab_size < 1:
+            raise DataError(f"--vocab_size must be a positive number, got {args.vocab_size}")
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            raise DataError(f"unknown --encoding {args.encoding!r} (e.g. utf-8, cp1252)") from None
         if args.captions:
-            captions = (c for path in args.captions for c in _read_caption_file(path))
+            captions = (
+                c for path in args.captions for c in _read_caption_file(path, args.encoding)
+            )
         else:
-            from clip_jax.data.pipeline import read_captions
-
             captions = (
                 c for caps in read_captions(args.dataset, args.split, args.data_dir) for c in caps
             )
@@ -360,10 +483,17 @@ def main(argv=None) -> int:
             lowercase=not args.no_lowercase,
             clean=args.clean,
             model_type=args.model_type,
+            character_coverage=args.character_coverage,
             hard_vocab_limit=not args.soft_vocab_limit,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --output in a folder that cannot be created or written
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"error: cannot write{where}: {e.strerror or e}; pass another --output", file=sys.stderr
+        )
         return 2
     tok = Tokenizer(path)
     print(

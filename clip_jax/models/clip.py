@@ -223,10 +223,10 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     )
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
+def l2_normalize(x) -> jax.Array:
+    """``x / ||x||`` along the last axis, in float32 (the model's and the evaluators' one)."""
+    x = jnp.asarray(x, jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class CLIP(nn.Module):
@@ -296,8 +296,8 @@ class CLIP(nn.Module):
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
         out = {
-            "image_emb": _l2_normalize(self.encode_image(images)),
-            "text_emb": _l2_normalize(self.encode_text(tokens)),
+            "image_emb": l2_normalize(self.encode_image(images)),
+            "text_emb": l2_normalize(self.encode_text(tokens)),
             "logit_scale": jnp.minimum(
                 jnp.exp(self.log_scale.astype(jnp.float32)), MAX_LOGIT_SCALE
             ),

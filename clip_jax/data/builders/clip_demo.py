@@ -26,9 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 import re
-import socket
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -395,45 +393,3 @@ class ClipDemo(common.Builder):
     def _generate_examples(self, split: str):
         for i in range(self._counts[split]):
             yield i, make_example(self._seed, split, i, self._image_size)
-
-
-# ---------------------------------------------------------------------------------------
-# Demo tokenizer
-# ---------------------------------------------------------------------------------------
-
-DEMO_VOCAB_SIZE = 512
-
-
-def demo_tokenizer_path(data_dir: str | None = None) -> str:
-    """Path of the demo sentencepiece model: trained once (deterministically, < 1 s) from
-    every caption the demo can produce, cached in `data_dir/clip_demo/tokenizer/`."""
-    from clip_jax.data import tokenizer as tok_lib
-    from clip_jax.data.prepare import resolve_data_dir
-
-    folder = os.path.join(resolve_data_dir(data_dir), NAME, "tokenizer")
-    stem = os.path.join(folder, f"clip_demo_v{VERSION}_bpe{DEMO_VOCAB_SIZE}")
-    path = stem + ".model"
-    if not os.path.isfile(path):
-        os.makedirs(folder, exist_ok=True)
-        # Several hosts may train it at once (same bytes): unique temp names, atomic renames.
-        tmp_prefix = os.path.join(folder, f".tmp_{socket.gethostname()}_{os.getpid()}")
-        # BPE: on this tiny, repetitive corpus unigram keeps too few pieces; BPE learns every
-        # word as one piece (byte fallback still covers any other text).
-        tok_lib.train_tokenizer(
-            all_caption_variants(),
-            tmp_prefix,
-            DEMO_VOCAB_SIZE,
-            model_type="bpe",
-            hard_vocab_limit=False,
-            seed=0,
-        )
-        for ext in (".vocab", ".json", ".model"):  # .model last: its presence means complete
-            os.replace(tmp_prefix + ext, stem + ext)
-    return path
-
-
-def demo_tokenizer(data_dir: str | None = None, context_length: int = 77):
-    """A `Tokenizer` for clip_demo captions (see `demo_tokenizer_path`)."""
-    from clip_jax.data.tokenizer import Tokenizer
-
-    return Tokenizer(demo_tokenizer_path(data_dir), context_length=context_length)

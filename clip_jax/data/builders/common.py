@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -26,6 +27,4 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
-        import sys
-
         return epath.Path(os.path.abspath(sys.modules[cls.__module__].__file__))

@@ -5,13 +5,18 @@ Each example stores
            loader decodes with PIL and never imports TensorFlow); re-encoded only when
            `max_size` asks for downscaling (JPEG q95, or PNG for images with alpha);
   caption  a list of one or more UTF-8 strings, exactly as in the source;
-  key      the source key (webdataset key, or the JSONL/CSV key field / image path).
+  key      the source key (webdataset key, the JSONL/CSV key field / image path, or the
+           path inside a class folder);
+  label    (labelled sources only: class folders, or tables with a label column) a
+           ClassLabel whose names are the classes, sorted (see sources.sort_class_names).
 
 Splits: 'train' and, with val_fraction > 0, 'validation' chosen by a stable hash of the
 key (sha256), so re-importing, adding shards or reordering them never moves an example
-between splits. Examples are written in source order (no tfds shuffling; the loader
-shuffles). The builder is a subclass created per dataset name by `make_builder`, so
-`tfds.data_source(name, data_dir=...)` finds it as `name` without any registration.
+between splits; or, with `ImportConfig.split`, every example in that one split (which
+`merge_split` can add to a prepared dataset). Examples are written in source order (no
+tfds shuffling; the loader shuffles). The builder is a subclass created per dataset name
+by `make_builder`, so `tfds.data_source(name, data_dir=...)` finds it as `name` without
+any registration.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import dataclasses
 import hashlib
 import io
 import itertools
+import json
+import os
 import re
 import sys
 import time
@@ -44,11 +51,11 @@ RESERVED_NAMES = ("clip_demo",)
 @dataclasses.dataclass
 class ImportConfig:
     sources: list[str]
+    read: sources_lib.ReadOptions = dataclasses.field(default_factory=sources_lib.ReadOptions)
     val_fraction: float = 0.01
     max_size: int | None = None
-    image_field: str = "image"
-    caption_field: str = "caption"
-    key_field: str | None = None
+    class_names: list[str] | None = None  # a 'label' ClassLabel with these names
+    split: str | None = None  # write every example to this split (no validation hold-out)
     num_threads: int = 4
     progress: bool = True  # a line per ~2% of the source files (tfds shows a bar as well)
 
@@ -108,12 +115,17 @@ class ImageText(common.Builder, skip_registration=True):
 
     def __init__(self, *, import_config: ImportConfig | None = None, **kwargs):
         self._import = import_config
+        names = import_config.class_names if import_config is not None else None
+        self._class_index = {n: i for i, n in enumerate(names or [])}
         self.stats = ImportStats()
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         meta = tfds.core.MetadataDict()
+        features = common.text_features()
         if self._import is not None:
+            if self._import.class_names is not None:
+                features["label"] = tfds.features.ClassLabel(names=self._import.class_names)
             meta.update(
                 {
                     "sources": self._import.sources[:1000],
@@ -125,7 +137,7 @@ class ImageText(common.Builder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Image-caption pairs imported by clip_jax.data.prepare.",
-            features=tfds.features.FeaturesDict(common.text_features()),
+            features=tfds.features.FeaturesDict(features),
             metadata=meta,
             disable_shuffling=True,
         )
@@ -139,12 +151,16 @@ class ImageText(common.Builder, skip_registration=True):
             )
         # tfds cannot write an empty split: look for one usable example of each split first
         # (stops at the first hit, so this reads ~1/val_fraction examples, not the dataset).
-        wanted = ["train"] + (["validation"] if self._import.val_fraction > 0 else [])
+        if self._import.split:
+            wanted = [self._import.split]
+        else:
+            wanted = ["train"] + (["validation"] if self._import.val_fraction > 0 else [])
         found = self._find_first_good(wanted)
-        if not found.get("train"):
+        if not found.get(wanted[0]):
             reasons = ", ".join(f"{n} {r}" for r, n in found["_reasons"].items()) or "no examples"
+            what = "training" if wanted[0] == "train" else f"{wanted[0]!r}"
             raise DataError(
-                f"no usable training example in {self._import.sources[0]}"
+                f"no usable {what} example in {self._import.sources[0]}"
                 f"{' and the other sources' if len(self._import.sources) > 1 else ''}"
                 f" ({reasons})"
             )
@@ -152,13 +168,16 @@ class ImageText(common.Builder, skip_registration=True):
             self.stats.notes.append("no example fell in the validation split; not written")
         return {split: self._generate_examples(split) for split in wanted if found.get(split)}
 
+    def _split_of(self, key: str) -> str:
+        if self._import.split:
+            return self._import.split
+        return "validation" if in_validation(key, self._import.val_fraction) else "train"
+
     def _find_first_good(self, wanted: list[str]) -> dict:
         cfg, found, reasons = self._import, {}, collections.Counter()
         for path in cfg.sources:
-            for cand in sources_lib.iter_source(
-                path, cfg.image_field, cfg.caption_field, cfg.key_field
-            ):
-                split = "validation" if in_validation(cand.key, cfg.val_fraction) else "train"
+            for cand in sources_lib.iter_source(path, cfg.read):
+                split = self._split_of(cand.key)
                 if found.get(split):
                     continue
                 example, note = self._check(cand)
@@ -190,23 +209,23 @@ class ImageText(common.Builder, skip_registration=True):
         except images.BadImage as e:
             return None, str(e)
         out = _maybe_downscale(data, img, self._import.max_size)
-        return {"image": out, "caption": captions, "key": cand.key}, (
-            "reencoded" if out is not data else None
-        )
+        example = {"image": out, "caption": captions, "key": cand.key}
+        if self._import.class_names is not None:
+            if cand.label not in self._class_index:  # prepare checks the classes beforehand
+                return None, "unknown class" if cand.label else "missing label"
+            example["label"] = self._class_index[cand.label]
+        return example, ("reencoded" if out is not data else None)
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
         cfg = self._import
-        want_val = split == "validation"
         stats = self.stats
         t0 = time.time()
         pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads))
         try:
             for si, path in enumerate(cfg.sources):
-                cands = sources_lib.iter_source(
-                    path, cfg.image_field, cfg.caption_field, cfg.key_field
-                )
+                cands = sources_lib.iter_source(path, cfg.read)
                 ordinal = itertools.count()
-                mine = (c for c in cands if in_validation(c.key, cfg.val_fraction) == want_val)
+                mine = (c for c in cands if self._split_of(c.key) == split)
                 while True:
                     chunk = list(itertools.islice(mine, 64))
                     if not chunk:
@@ -256,3 +275,51 @@ def make_builder(
         lambda ns: ns.update({"name": name, "__module__": __name__}),
     )
     return cls(data_dir=data_dir, import_config=config, file_format="array_record", **kwargs)
+
+
+def existing_class_names(path: str) -> list[str] | None:
+    """The 'label' class names of the prepared dataset in version folder `path`; None if it
+    has no label."""
+    features = tfds.builder_from_directory(path).info.features
+    return list(features["label"].names) if "label" in features else None
+
+
+def merge_split(into: str, built: str, name: str, split: str) -> None:
+    """Moves split `split` of dataset `name`, written in version folder `built`, into the
+    prepared version folder `into`, replacing a split of that name there.
+
+    tfds has no way to add a split to a prepared dataset (download_and_prepare writes every
+    split at once, or nothing), so this adds it in tfds' own layout: the split's record
+    files move beside the others and its entry joins the 'splits' of dataset_info.json.
+    The other splits' files are not touched (nothing is re-written)."""
+    for meta in ("features.json", "label.labels.txt"):
+        old, new = os.path.join(into, meta), os.path.join(built, meta)
+        if _read_text(old) != _read_text(new):
+            raise DataError(
+                f"the {split!r} split does not match dataset {name!r} ({meta} differs: labels "
+                "or features); import it as a dataset of its own with another --name"
+            )
+    with open(os.path.join(built, "dataset_info.json")) as f:
+        entry = next(s for s in json.load(f)["splits"] if s["name"] == split)
+    info_path = os.path.join(into, "dataset_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    prefix = f"{name}-{split}."  # tfds' file names: {DATASET}-{SPLIT}.{FORMAT}-{SHARD}
+    for f in os.listdir(into):
+        if f.startswith(prefix):
+            os.remove(os.path.join(into, f))
+    for f in os.listdir(built):
+        if f.startswith(prefix):
+            os.replace(os.path.join(built, f), os.path.join(into, f))
+    info["splits"] = [s for s in info["splits"] if s["name"] != split] + [entry]
+    tmp = info_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, info_path)  # the split is visible only once its files are all there
+
+
+def _read_text(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read()
