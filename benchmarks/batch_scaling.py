@@ -16,7 +16,8 @@ with each other (`benchmarks/activation_memory.py` gives the per-example activat
 """
 
 import argparse
-import os
+
+from simulated_devices import use_cpu_devices
 
 _p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 _p.add_argument("--model", default="tiny-vit")
@@ -30,12 +31,7 @@ _p.add_argument("--run_batch", type=int, default=65536)
 _p.add_argument("--run_micro", type=int, default=512)
 ARGS = _p.parse_args()
 
-# XLA reads the flag once, when the backend starts: set it before jax is imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+use_cpu_devices(ARGS.devices)  # before jax is imported
 
 import time  # noqa: E402
 

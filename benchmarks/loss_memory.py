@@ -22,6 +22,8 @@ import functools
 import os
 import sys
 
+from simulated_devices import use_cpu_devices
+
 _p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 _p.add_argument("--batches", default="4096,16384,32768", help="comma-separated global batches")
 _p.add_argument("--width", type=int, default=512)
@@ -36,12 +38,7 @@ _p.add_argument("--no_time", action="store_true", help="compile only (memory col
 _p.add_argument("--repeats", type=int, default=1, help="timed evaluations; the best is shown")
 ARGS = _p.parse_args()
 
-# XLA reads the flag once, when the backend starts: set it before jax is imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+use_cpu_devices(ARGS.devices)  # before jax is imported
 
 import math  # noqa: E402
 import time  # noqa: E402

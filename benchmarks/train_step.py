@@ -115,7 +115,7 @@ def main(_):
     times = [] if FLAGS.compile_only else time_steps(compiled, state, batch)
 
     n = jax.device_count()
-    model_flops = flops.train_step_flops(model.config, config.batch_size)
+    model_flops = flops.train_step_flops(model.config, config.batch_size, config.optim.freeze)
     per_device_xla = xla_flops(compiled)
     memory = compiled.memory_analysis()
     kind = jax.devices()[0].device_kind

@@ -5,15 +5,33 @@ asynchronously from the sharded arrays) and `loader` (the data loader's position
 Orbax writes a step into a temporary directory and renames it only when every item and
 every host is done, so a save killed half-way is never listed by `latest_step()` and a
 resume falls back to the previous complete checkpoint.
+
+A step that is listed but does not restore (a truncated or missing file, written by a failing
+disk or a careless hand) is moved to `corrupt/STEP-TIME` (a name Orbax does not list as a
+step, never deleted) by `restore_latest`, which then tries the step before it.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import sys
+import time
+import traceback
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from clip_jax.errors import UserError
+
+CORRUPT_DIR = "corrupt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that does not restore, or none that does."""
 
 
 def _encode_loader_state(state: Any) -> dict:
@@ -26,6 +44,38 @@ def _decode_loader_state(stored: dict) -> Any:
     if "bytes_b64" in stored:
         return base64.b64decode(stored["bytes_b64"])
     return stored["json"]
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a restore error; TensorStore appends a bound method's repr to it."""
+    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+    first = lines[0].split(" See full TensorStore details")[0].strip()
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def _from_abandoned_restore(unraisable) -> bool:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+
+
+def _drop_abandoned_restore_errors() -> None:
+    """After a failed restore, the reads still in flight finish in tensorstore and hand their
+    results (often errors too) to Orbax's coroutines and event loop, closed by then: each prints
+    a traceback as an unraisable exception, hundreds in all. Those are dropped from now on; the
+    restore's own error has been reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_restores", False):
+        return
+
+    def hook(unraisable):
+        if not _from_abandoned_restore(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_restores = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -62,20 +112,57 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
-        """`abstract_state`: jax.ShapeDtypeStructs with shardings, so arrays land in place."""
+        """`abstract_state`: jax.ShapeDtypeStructs with shardings, so arrays land in place.
+        A damaged step (a truncated or missing file) raises CheckpointError."""
         if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self._manager.directory}; "
                 f"available steps: {self.all_steps() or 'none'}"
             )
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                loader=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    loader=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # Orbax, tensorstore and json each raise their own types
+            _drop_abandoned_restore_errors()
+            raise CheckpointError(f"checkpoint step {step} does not restore ({_reason(e)})") from e
         return restored.state, _decode_loader_state(restored.loader)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, Any] | None:
+        """(step, state, loader state) of the newest checkpoint that restores; None if there are
+        none. Each newer one that fails is reported in one line and moved aside."""
+        failed = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except CheckpointError as e:
+                failed.append(self._set_aside(step, e))
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self._manager.directory} restores; moved aside: "
+                f"{', '.join(failed)}. Restore them from a copy, or start a new --workdir"
+            )
+        return None
+
+    def _set_aside(self, step: int, error: CheckpointError) -> str:
+        """Moves step's directory to corrupt/STEP-TIME, says so in one line; returns the path."""
+        directory = epath.Path(self._manager.directory)
+        moved = directory / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            print(
+                f"warning: {error}; moved it to {moved} and trying the one before",
+                file=sys.stderr,
+                flush=True,
+            )
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            (directory / str(step)).rename(moved)
+        multihost_utils.sync_global_devices(f"clip_jax.checkpoint: step {step} set aside")
+        self._manager.reload()
+        return str(moved)
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host once the cluster signalled preemption (multi-host runs)."""

@@ -10,22 +10,58 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 
 from clip_jax import losses, sharding
 from clip_jax.data.tokenizer import TOKENIZER_KINDS
+from clip_jax.errors import UserError
+from clip_jax.eval.schema import RANGES as EVAL_RANGES
 from clip_jax.eval.schema import config_schema
-from clip_jax.models.layers import REMAT_POLICIES
+from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
+from clip_jax.models.registry import list_models
 
 LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("dense", "gather", "ring")
 DTYPES = ("float32", "bfloat16")
 FREEZE = ("", "image", "text")
+INIT_TOWERS = ("image", "text", "both")
 
 
-class ConfigError(ValueError):
+# The allowed values of every numeric key that has a range ('> 0', '>= 1', or an interval);
+# micro_batch_size and loss.chunk_size have checks of their own below.
+RANGES = {
+    "batch_size": "> 0",
+    "total_steps": "> 0",
+    "log_every": "> 0",
+    "max_bad_steps": ">= 1",
+    "model.logit_scale_init": "> 0",
+    "data.crop_scale_min": "(0, 1]",
+    "data.crop_scale_max": "(0, 1]",
+    "data.num_workers": ">= 0",
+    "data.prefetch": ">= 1",
+    "tokenizer.context_length": ">= 2",  # at least the start and end tokens
+    "optim.lr": "> 0",
+    "optim.warmup_steps": ">= 0",
+    "optim.end_lr_ratio": "[0, 1]",
+    "optim.weight_decay": ">= 0",
+    "optim.b1": "[0, 1)",
+    "optim.b2": "[0, 1)",
+    "optim.eps": "> 0",
+    "optim.grad_clip_norm": ">= 0",
+    "optim.image_lr_mult": ">= 0",
+    "optim.text_lr_mult": ">= 0",
+    "checkpoint.every_steps": ">= 1",
+    "checkpoint.keep": ">= 1",
+    "checkpoint.keep_period": ">= 0",
+    **{f"eval.{key}": allowed for key, allowed in EVAL_RANGES.items()},
+}
+
+
+class ConfigError(UserError):
     """A config problem, with the key at fault and the fix in the message."""
 
 
@@ -49,6 +85,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.logit_scale_init = 1 / 0.07
     c.model.use_logit_bias = False
     c.model.logit_bias_init = -10.0
+    c.model.activation = ""  # '' = the named model's; 'gelu' for OpenCLIP's non-quickgelu
+    # Warm start (clip_jax/warm_start.py): a converted pretrained directory (clip_jax.convert)
+    # or a training workdir (its latest checkpoint); '' = random initialisation. Only read
+    # when the run has no checkpoint of its own.
+    c.model.init_from = ""
+    c.model.init_towers = "both"  # 'image', 'text' or 'both' (+ the logit scale/bias)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "clip_demo"
@@ -102,19 +144,48 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _unknown_key(schema: ml_collections.ConfigDict, prefix: str, key: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, list(schema.keys()), n=1)
+    fix = (
+        f"did you mean '{prefix}{hint[0]}'?"
+        if hint
+        else f"known keys under '{prefix or 'config.'}': {', '.join(sorted(schema.keys()))}"
+    )
+    return ConfigError(f"unknown config key '{prefix}{key}': {fix}")
+
+
+def check_command_line(argv: Sequence[str], flag: str = "config") -> None:
+    """The command-line errors that ml_collections' flag parsing reports as a traceback: a
+    missing `--config` file and an unknown `--config.KEY` (named with the closest known key)."""
+    schema = defaults()
+    for i, arg in enumerate(argv):
+        name, has_value, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-"):
+            continue
+        if name == flag:
+            value = value if has_value else (argv[i + 1] if i + 1 < len(argv) else "")
+            path = value.split(":", 1)[0]
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"--{flag}={value}: there is no config file {path}")
+            continue
+        name = name.removeprefix("no") if name.startswith(f"no{flag}.") else name
+        if not name.startswith(flag + "."):
+            continue
+        node, prefix = schema, ""
+        for key in name[len(flag) + 1 :].split("."):
+            key = key.split("[", 1)[0]  # a sequence element: --config.eval.zeroshot.ks[0]
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"--{name}: config key '{prefix.rstrip('.')}' has no sub-keys")
+            if key not in node:
+                raise _unknown_key(node, prefix, key)
+            node, prefix = node[key], f"{prefix}{key}."
+
+
 def _walk(schema: ml_collections.ConfigDict, config: ml_collections.ConfigDict, prefix: str):
     for key in config.keys():
         path = f"{prefix}{key}"
         if key not in schema:
-            hint = difflib.get_close_matches(key, list(schema.keys()), n=1)
-            fix = (
-                f"did you mean '{prefix}{hint[0]}'?"
-                if hint
-                else (
-                    f"known keys under '{prefix or 'config.'}': {', '.join(sorted(schema.keys()))}"
-                )
-            )
-            raise ConfigError(f"unknown config key '{path}': {fix}")
+            raise _unknown_key(schema, prefix, key)
         want, got = schema[key], config[key]
         if isinstance(want, ml_collections.ConfigDict):
             if not isinstance(got, ml_collections.ConfigDict):
@@ -133,6 +204,33 @@ def _walk(schema: ml_collections.ConfigDict, config: ml_collections.ConfigDict, 
             )
 
 
+def _lookup(config: ml_collections.ConfigDict, path: str) -> Any:
+    for key in path.split("."):
+        config = config[key]
+    return config
+
+
+def _within(value: float, allowed: str) -> bool:
+    """`allowed`: '> 0', '>= 1', or an interval '(0, 1]' (see RANGES)."""
+    if allowed.startswith(">="):
+        return value >= float(allowed[2:])
+    if allowed.startswith(">"):
+        return value > float(allowed[1:])
+    low, high = (float(x) for x in allowed[1:-1].split(","))
+    above = value >= low if allowed[0] == "[" else value > low
+    below = value <= high if allowed[-1] == "]" else value < high
+    return above and below
+
+
+def _check_range(path: str, value: Any, allowed: str) -> None:
+    sequence = isinstance(value, (tuple, list))
+    if all(_within(v, allowed) for v in (value if sequence else (value,))):
+        return
+    each = " (each element)" if sequence else ""
+    allowed = allowed if allowed[0] == ">" else f"in {allowed}"
+    raise ConfigError(f"config key '{path}' is {value!r}; allowed{each}: {allowed}")
+
+
 def _choice(path: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ConfigError(
@@ -145,6 +243,7 @@ def validate(
 ) -> None:
     """Raises ConfigError on the first problem; cheap, runs before any compilation."""
     _walk(defaults(), config, "")
+    _choice("model.name", config.model.name, list_models())
     _choice("loss.kind", config.loss.kind, LOSS_KINDS)
     _choice("loss.impl", config.loss.impl, LOSS_IMPLS)
     _choice("model.dtype", config.model.dtype, DTYPES)
@@ -152,6 +251,8 @@ def validate(
     _choice("optim.mu_dtype", config.optim.mu_dtype, DTYPES)
     _choice("model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
     _choice("optim.freeze", config.optim.freeze, FREEZE)
+    _choice("model.init_towers", config.model.init_towers, INIT_TOWERS)
+    _choice("model.activation", config.model.activation, ("", *sorted(ACTIVATIONS)))
     _choice("mesh.rules", config.mesh.rules, sharding.STRATEGIES)
     _choice("tokenizer.kind", config.tokenizer.kind, TOKENIZER_KINDS)
     if config.loss.kind == "sigmoid" and not config.model.use_logit_bias:
@@ -160,10 +261,8 @@ def validate(
         raise ConfigError(
             f"micro_batch_size={config.micro_batch_size} must be >= 0 (0 = gradient caching off)"
         )
-    for key in ("batch_size", "total_steps", "log_every", "eval.batch_size"):
-        value = config[key] if "." not in key else config.eval.batch_size
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    for key, allowed in RANGES.items():
+        _check_range(key, _lookup(config, key), allowed)
     if config.loss.chunk_size < 0:
         raise ConfigError(
             f"loss.chunk_size={config.loss.chunk_size} must be >= 0 (0 = one chunk per ring tile)"

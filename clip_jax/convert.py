@@ -37,14 +37,15 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from clip_jax import pretrained
+from clip_jax import cli, pretrained
+from clip_jax.errors import UserError
 from clip_jax.models.clip import CLIPConfig, TextConfig, VisionConfig
 from clip_jax.models.registry import get_config, list_models
 
 FORMATS = ("openai", "open_clip", "hf")
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """Bad input to the converter; the message is one line naming the file and the tensor."""
 
 
@@ -858,20 +859,19 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--to", choices=("clip_jax", "hf"), default="clip_jax")
     args = p.parse_args(argv)
-    try:
+    if args.to != "hf" and not args.format:
+        p.error("--format is required (openai, open_clip or hf)")
+    if args.to != "hf" and args.format == "open_clip" and not args.model:
+        p.error("--format=open_clip needs --model (e.g. ViT-B-32 or ViT-B-32-quickgelu)")
+
+    def body():
         if args.to == "hf":
             out = export_hf(args.source, args.output)
         else:
-            if not args.format:
-                p.error("--format is required (openai, open_clip or hf)")
-            if args.format == "open_clip" and not args.model:
-                p.error("--format=open_clip needs --model (e.g. ViT-B-32 or ViT-B-32-quickgelu)")
             out = convert(args.source, args.format, args.output, args.model)
-    except (ConvertError, pretrained.PretrainedError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return cli.run(body, prefix="convert: error")
 
 
 if __name__ == "__main__":

@@ -54,21 +54,27 @@ def resnet_forward(image_size: int, stage_blocks, width: int, heads: int, embed_
     return flops
 
 
-def clip_forward(config: CLIPConfig) -> float:
-    """Forward FLOPs per example of both towers (without the loss)."""
+def tower_forward(config: CLIPConfig) -> dict[str, float]:
+    """Forward FLOPs per example of each tower (without the loss)."""
     v, t = config.vision, config.text
     if v.kind == "vit":
         image = vit_forward(v.image_size, v.patch_size, v.width, v.layers, config.embed_dim)
     else:
         image = resnet_forward(v.image_size, v.layers, v.width, v.heads, config.embed_dim)
     text = transformer_forward(t.context_length, t.width, t.layers) + 2 * t.width * config.embed_dim
-    return image + text
+    return {"image": image, "text": text}
 
 
-def train_step_flops(config: CLIPConfig, global_batch: int) -> float:
-    """Forward + backward FLOPs of one global step, the B x B similarity included."""
+def train_step_flops(config: CLIPConfig, global_batch: int, frozen_tower: str = "") -> float:
+    """Forward + backward FLOPs of one global step, the B x B similarity included.
+
+    A trained tower counts three passes (forward, and a backward twice as costly); a locked
+    tower (`frozen_tower`) runs forward only, since no gradient is taken through it.
+    """
     loss = 2 * 2 * global_batch * global_batch * config.embed_dim  # logits, both directions
-    return 3 * (global_batch * clip_forward(config) + loss)
+    towers = tower_forward(config)
+    per_example = sum(f if name == frozen_tower else 3 * f for name, f in towers.items())
+    return global_batch * per_example + 3 * loss
 
 
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets (no sparsity).

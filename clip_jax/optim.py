@@ -64,6 +64,8 @@ def make_optimizer(
         "image": adamw(cfg.image_lr_mult),
         "text": adamw(cfg.text_lr_mult),
         "shared": adamw(1.0),
+        # A locked tower (LiT): stateless, and `multi_transform` masks it out of the AdamW
+        # groups, so the optimizer state holds no moments for it.
         "frozen": optax.set_to_zero(),
     }
 

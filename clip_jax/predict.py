@@ -27,15 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import pretrained
+from clip_jax import cli, pretrained
 from clip_jax.data.images import BadImage
+from clip_jax.errors import UserError
 from clip_jax.eval.metrics import zero_shot_classifier
 from clip_jax.eval.templates import TEMPLATE_SETS, fill, load_templates
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Bad arguments to predict; the message is one line."""
 
 
@@ -220,19 +221,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    try:
+
+    def body():
         results = run(args)
-    except PredictError as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
-    for r in results:
-        if "error" in r:
-            print(f"predict: skipped {r['image']}: {r['error']}", file=sys.stderr)
-    print(json.dumps(results, indent=1, ensure_ascii=False) if args.json else format_table(results))
-    if not any("error" not in r for r in results):
-        print("predict: error: no image could be decoded", file=sys.stderr)
-        return 2
-    return 0
+        for r in results:
+            if "error" in r:
+                print(f"predict: skipped {r['image']}: {r['error']}", file=sys.stderr)
+        print(
+            json.dumps(results, indent=1, ensure_ascii=False)
+            if args.json
+            else format_table(results)
+        )
+        if not any("error" not in r for r in results):
+            raise PredictError("no image could be decoded")
+
+    return cli.run(body, prefix="predict: error")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from etils import epath
 from clip_jax.data import images as image_ops
 from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.tokenizer import Tokenizer
+from clip_jax.errors import UserError
 from clip_jax.models.clip import CLIP, CLIPConfig
 
 FORMAT = "clip_jax.pretrained"
@@ -34,7 +35,7 @@ VERSION = 1
 TOKENIZER_KINDS = ("clip_bpe", "sentencepiece")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A pretrained directory that is missing or malformed (one line naming the file)."""
 
 
@@ -92,6 +93,16 @@ def save(
     }
     (path / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
     return str(path)
+
+
+def is_pretrained_dir(directory: str) -> bool:
+    """Whether ``directory`` has the layout above (its ``config.json`` says so)."""
+    try:
+        with open(os.path.join(os.fspath(directory), "config.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def read_meta(directory: str) -> dict:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from clip_jax import grad_cache, sharding
+from clip_jax import grad_cache, optim, sharding
 from clip_jax.models import CLIP, create_model
 
 
@@ -33,8 +33,10 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, eot_id: int) -> CLIP:
     m = config.model
+    activation = {"activation": m.activation} if m.activation else {}
     return create_model(
         m.name,
+        **activation,
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         remat_policy=m.remat_policy,
@@ -130,15 +132,38 @@ def make_objective(loss_fn: Callable) -> Callable:
     return objective
 
 
-def make_loss_and_metrics(model: CLIP, loss_fn: Callable) -> Callable:
+def make_loss_and_metrics(model: CLIP, loss_fn: Callable, frozen_tower: str = "") -> Callable:
+    """`compute(params, model_state, batch) -> (loss, metrics)`. A `frozen_tower` ('image' or
+    'text') enters the loss through `stop_gradient`: its embeddings are constants."""
     objective = make_objective(loss_fn)
 
     def compute(params, model_state, batch):
-        return objective(
-            model.apply({"params": params, **model_state}, batch["image"], batch["text"])
-        )
+        out = model.apply({"params": params, **model_state}, batch["image"], batch["text"])
+        if frozen_tower:
+            key = f"{frozen_tower}_emb"
+            out = {**out, key: jax.lax.stop_gradient(out[key])}
+        return objective(out)
 
     return compute
+
+
+def locked_value_and_grad(compute: Callable, frozen_tower: str) -> Callable:
+    """`jax.value_and_grad(compute, has_aux=True)` taken w.r.t. the trained parameters only.
+
+    The locked tower's parameters are closed over rather than differentiated, so autodiff
+    keeps none of its activations and computes none of its backward; its gradient is zeros
+    (the optimizer's `frozen` group discards it and holds no moments for it).
+    """
+
+    def value_and_grad(params, model_state, batch):
+        locked = {k: v for k, v in params.items() if optim.tower_of((k,)) == frozen_tower}
+        trained = {k: v for k, v in params.items() if k not in locked}
+        out, grads = jax.value_and_grad(
+            lambda t: compute({**t, **locked}, model_state, batch), has_aux=True
+        )(trained)
+        return out, {**grads, **jax.tree.map(jnp.zeros_like, locked)}
+
+    return value_and_grad
 
 
 def make_train_step(
@@ -161,7 +186,12 @@ def make_train_step(
             model, make_objective(loss_fn), mesh, micro_batch_size, frozen_tower, shardings.params
         )
     else:
-        value_and_grad = jax.value_and_grad(make_loss_and_metrics(model, loss_fn), has_aux=True)
+        compute = make_loss_and_metrics(model, loss_fn, frozen_tower)
+        value_and_grad = (
+            locked_value_and_grad(compute, frozen_tower)
+            if frozen_tower
+            else jax.value_and_grad(compute, has_aux=True)
+        )
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         (loss, metrics), grads = value_and_grad(state.params, state.model_state, batch)

@@ -11,31 +11,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import jax
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
+from clip_jax import cli, flops, losses, optim, sharding, warm_start
 from clip_jax import config as config_lib
-from clip_jax import flops, losses, optim, sharding
 from clip_jax import step as step_lib
 from clip_jax.checkpoint import Checkpointer
-from clip_jax.data import paths, pipeline, prepare
+from clip_jax.data import info, paths, pipeline, prepare, truncation
+from clip_jax.data.source import Source, record_captions
 from clip_jax.data.tokenizer import Tokenizer, load_tokenizer
+from clip_jax.errors import UserError
+from clip_jax.eval import preflight
 from clip_jax.metric_writers import MetricWriter
 from clip_jax.models import CLIP
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient."""
 
 
@@ -50,43 +55,95 @@ class Run:
     model: CLIP
     mesh: Mesh
     tx: optax.GradientTransformation
+    init_from: warm_start.Source | None = None  # model.init_from, checked against the model
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Everything that can fail on bad input, before anything compiles."""
+def _check_workdir(workdir: str) -> None:
+    """A folder that exists (or is created now) and takes new files: checkpoints, metrics."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file; pass a folder (new or existing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"--workdir={workdir} cannot be written ({e.strerror or e}); pass a writable folder"
+        ) from e
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, eval_tasks: str | None = None) -> Run:
+    """Everything that can fail on bad input, before anything compiles. ``eval_tasks``: the
+    evaluation tasks to check, when not ``config.eval.tasks``."""
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    _check_workdir(workdir)
     data_dir = paths.resolve_data_dir(config.data.data_dir)
-    tokenizer = load_tokenizer(
-        config.tokenizer.path,
-        dataset=config.data.name,
-        data_dir=data_dir,
-        context_length=config.tokenizer.context_length,
-        lowercase=config.tokenizer.lowercase,
+    init_from = None
+    if config.model.init_from and not warm_start.has_checkpoint(workdir):
+        init_from = warm_start.open_source(config.model.init_from, config.model.init_towers)
+    # A text tower copied from a source that names its tokenizer uses that tokenizer,
+    # unless tokenizer.path names another one.
+    tokenizer = None
+    if init_from is not None and not config.tokenizer.path:
+        tokenizer = init_from.tokenizer(config.tokenizer.context_length)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(
+            config.tokenizer.path,
+            dataset=config.data.name,
+            data_dir=data_dir,
+            context_length=config.tokenizer.context_length,
+            lowercase=config.tokenizer.lowercase,
+            kind=config.tokenizer.kind,
+        )
+    preflight.check_tasks(
+        config.eval, paths.resolve_data_dir(config.eval.data_dir or data_dir), eval_tasks
     )
+    model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
+    if init_from is not None:
+        init_from.check(config.model.name, model.config)
     return Run(
         config=config,
         workdir=workdir,
         data_dir=data_dir,
         tokenizer=tokenizer,
-        model=step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id),
+        model=model,
         mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.model),
         tx=optim.make_optimizer(config.optim, config.total_steps),
+        init_from=init_from,
     )
 
 
 def _prepare_training_data(run: Run) -> None:
     """Process 0 builds the demo dataset if it is missing while the others wait; then every
-    process checks that the training split is there (an error names the prepare command)."""
+    process checks that the training and validation splits are there (an error names the
+    prepare command)."""
     data = run.config.data
 
     def ensure_prepared():
-        prepare.ensure_prepared(data.name, run.data_dir, splits=(data.train_split,))
+        prepare.ensure_prepared(data.name, run.data_dir, splits=(data.train_split, data.eval_split))
 
     if jax.process_index() == 0:
         ensure_prepared()
     multihost_utils.sync_global_devices("clip_jax.train: training data prepared")
     if jax.process_index() != 0:
         ensure_prepared()
+
+
+def _report_truncation(run: Run, sample: int = 1000) -> None:
+    """One console line: the share of (a spread sample of) training captions that are longer
+    than tokenizer.context_length, and so cut."""
+    c = run.config
+    src = Source(c.data.name, c.data.train_split, run.data_dir)
+    indices = np.unique(np.linspace(0, len(src) - 1, min(sample, len(src))).astype(int))
+    captions = [text for record in src.get(indices) for text in record_captions(record)]
+    cut = truncation.truncated(run.tokenizer, captions)
+    if captions and jax.process_index() == 0:
+        print(
+            f"captions longer than tokenizer.context_length={c.tokenizer.context_length} (cut): "
+            f"{cut.mean():.1%} of {len(captions)} captions of {len(indices)} examples sampled from "
+            f"{c.data.name}/{c.data.train_split}",
+            flush=True,
+        )
 
 
 def _train_loader(run: Run) -> pipeline.TrainLoader:
@@ -108,12 +165,20 @@ def _train_loader(run: Run) -> pipeline.TrainLoader:
 def _restore_or_init(
     run: Run, abstract: step_lib.TrainState, ckpt: Checkpointer, loader: pipeline.TrainLoader
 ) -> tuple[step_lib.TrainState, int]:
-    """(state, step): the latest checkpoint (and the loader's position in it), or a fresh
-    state when there is none. Never both: a resume holds one copy of the state."""
-    start = ckpt.latest_step()
-    if start is None:
-        return step_lib.create_train_state(run.model, run.tx, abstract, run.config.seed), 0
-    state, loader_state = ckpt.restore(start, abstract)
+    """(state, step): the latest checkpoint that restores (and the loader's position in it),
+    or a fresh state when there is none. Never both: a resume holds one copy of the state."""
+    restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        state = step_lib.create_train_state(run.model, run.tx, abstract, run.config.seed)
+        if run.init_from is not None:
+            params, model_state = run.init_from.apply(state.params, state.model_state)
+            state = state.replace(params=params, model_state=model_state)
+            print(
+                f"initialised {'+'.join(run.init_from.towers)} from {run.init_from.path}",
+                flush=True,
+            )
+        return state, 0
+    start, state, loader_state = restored
     loader.set_state(loader_state)
     print(f"resumed from step {start} in {run.workdir}", flush=True)
     return state, int(start)
@@ -191,14 +256,36 @@ def _check_and_log(step, metrics, writer, window, loader, config, force=False):
     return values
 
 
-def _validation(run: Run, eval_step, state) -> dict[str, float]:
+def _validation_batch_size(run: Run) -> int:
+    """eval.batch_size, or for a smaller validation split the largest batch that it fills and
+    the devices split evenly (a padded batch is never used); 0 when not even that fits."""
+    c = run.config
+    num_examples = info.dataset_info(c.data.name, run.data_dir)["num_examples"][c.data.eval_split]
+    if num_examples >= c.eval.batch_size:
+        return c.eval.batch_size
+    shards = math.prod(run.mesh.shape[a] for a in sharding.BATCH_AXES if a in run.mesh.shape)
+    size = num_examples // shards * shards
+    if jax.process_index() == 0:
+        use = f"uses batches of {size}" if size else "is skipped (fewer examples than devices)"
+        print(
+            f"warning: validation split {c.data.name}/{c.data.eval_split} has {num_examples} "
+            f"examples, fewer than eval.batch_size={c.eval.batch_size}: the validation loss {use}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return size
+
+
+def _validation(run: Run, eval_step, state, batch_size: int) -> dict[str, float]:
     """Validation-split contrastive loss and in-batch accuracy over its full batches."""
     c = run.config
+    if not batch_size:
+        return {}
     loader = pipeline.eval_loader(
         c.data.name,
         c.data.eval_split,
         run.data_dir,
-        batch_size=c.eval.batch_size,
+        batch_size=batch_size,
         image_size=run.model.config.vision.image_size,
         tokenizer=run.tokenizer,
     )
@@ -214,8 +301,8 @@ def _validation(run: Run, eval_step, state) -> dict[str, float]:
     return {f"val/{k}": v / batches for k, v in totals.items()} if batches else {}
 
 
-def _evaluate(run: Run, eval_step, state, writer, step) -> dict[str, float]:
-    results = _validation(run, eval_step, state)
+def _evaluate(run: Run, eval_step, state, writer, step, val_batch_size) -> dict[str, float]:
+    results = _validation(run, eval_step, state, val_batch_size)
     if run.config.eval.tasks:
         from clip_jax.eval import runner  # noqa: PLC0415 (evaluation is optional in the loop)
         from clip_jax.eval.results import flat_metrics  # noqa: PLC0415 (as above)
@@ -250,6 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last logged metrics."""
     run = setup(config, workdir)
     _prepare_training_data(run)
+    _report_truncation(run)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -281,13 +369,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         async_save=config.checkpoint.async_save,
     )
     state, start = _restore_or_init(run, abstract, ckpt, loader)
+    val_batch_size = _validation_batch_size(run)
 
     writer = MetricWriter(workdir, config.total_steps)
     preempted = _PreemptionFlag()
     window = _LogWindow(
         config.batch_size,
         jax.device_count(),
-        flops.train_step_flops(model.config, config.batch_size),
+        flops.train_step_flops(model.config, config.batch_size, config.optim.freeze),
         flops.peak_tflops(jax.devices()[0].device_kind),
     )
     last: dict[str, float] = {}
@@ -313,7 +402,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 break
             periodic = config.eval.every_steps and step % config.eval.every_steps == 0
             if periodic or step == config.total_steps:
-                evaluated = _evaluate(run, eval_step, state, writer, step)
+                evaluated = _evaluate(run, eval_step, state, writer, step, val_batch_size)
         if pending is not None:
             last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
         if step == config.total_steps and not preempted.set:
@@ -351,17 +440,12 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("multihost", False, "Auto-detect the cluster (SLURM, TPU pod) and join it.")
     flags.mark_flags_as_required(["config", "workdir"])
 
-    def run(_):
-        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    def run():
         f = flags.FLAGS
         initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)
-        try:
-            train(f.config, f.workdir)
-        except (config_lib.ConfigError, FileNotFoundError, NonFiniteError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        train(f.config, f.workdir)
 
-    app.run(run, argv=argv)
+    cli.run_absl(run, argv, check_argv=config_lib.check_command_line)
     return 0
 
 

@@ -8,10 +8,11 @@ one extra forward pass of both towers. Sized for 8 x 80 GB (8,192 examples per d
     bfloat16 copies of the parameters for compute       151.3M x 2 B       0.3 GiB
     activations of one micro-batch, no remat            1,024 x 28.9 MiB  28.9 GiB
     embeddings and their gradients (the cache)          4 x 8,192 x 512 x 4 B  0.1 GiB
-    ring loss, 1,024 x 1,024 chunks                     O(b D + c^2)       < 0.2 GiB
-                                                                           ~32 GiB of 80
-The activation figure is `benchmarks/activation_memory.py` (ViT-B/32, bf16, remat 'none');
-the rest leaves room for XLA's transient buffers. `micro_batch_size=2048` (~61 GiB) also
+    ring loss + gradient, 1,024 x 1,024 chunks          O(b D + c^2)       0.06 GiB
+                                                                           ~32 GiB of 74.5
+Measured: activations by `benchmarks/activation_memory.py` (ViT-B/32, bf16, remat 'none'),
+the loss by `benchmarks/loss_memory.py --batches=65536 --impls=ring --no_time`; the rest
+of the 80 GB is room for XLA's transient buffers. `micro_batch_size=2048` (~61 GiB) also
 fits on paper. The learning rate is the paper's 32k one (not rescaled).
 Variants: `experiments/vit_b32_64k.py:smoke` (tiny, seconds on CPU, 2 micro-batches).
 """

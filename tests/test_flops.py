@@ -65,3 +65,22 @@ def test_train_step_flops_match_xla_forward_and_backward():
     xla = _xla_flops(jax.grad(loss), params, images, tokens)
     ratio = xla / flops.train_step_flops(model.config, batch)
     assert 0.98 <= ratio <= 1.05, ratio
+
+
+def test_locked_tower_counts_one_forward_pass():
+    """LiT: no gradient flows into the locked image tower, so XLA runs it forward only."""
+    batch = 4
+    model, params, images, tokens = _abstract("ViT-B/32", batch)
+    params = params["params"]
+    locked = {"visual": params["visual"]}
+    trained = {k: v for k, v in params.items() if k != "visual"}
+
+    def loss(t, frozen, x, tok):
+        out = model.apply({"params": {**t, **frozen}}, x, tok)
+        image_emb = jax.lax.stop_gradient(out["image_emb"])
+        logits = out["logit_scale"] * image_emb @ out["text_emb"].T
+        return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits)))
+
+    xla = _xla_flops(jax.grad(loss), trained, locked, images, tokens)
+    ratio = xla / flops.train_step_flops(model.config, batch, frozen_tower="image")
+    assert 0.98 <= ratio <= 1.05, ratio

@@ -1,7 +1,9 @@
 """Errors of the data package: one line, naming the path or field and what was expected."""
 
+from clip_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data or arguments (missing/empty/unreadable source, unknown field...)."""
 
 

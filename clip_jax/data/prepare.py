@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from clip_jax import cli
 from clip_jax.data import paths
 from clip_jax.data.builders import sources
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
@@ -477,44 +478,45 @@ def main(argv=None) -> int:
     demo.add_argument("--num_validation", type=int, default=2000)
     demo.add_argument("--num_test", type=int, default=2000)
     args = p.parse_args(argv)
-    try:
-        if args.name == DEMO_NAME:
-            prepare(
-                DEMO_NAME,
-                args.data_dir,
-                args.source,
-                seed=args.seed,
-                image_size=args.image_size,
-                num_train=args.num_train,
-                num_validation=args.num_validation,
-                num_test=args.num_test,
-                overwrite=args.overwrite,
-            )
-        else:
-            prepare(
-                args.name,
-                args.data_dir,
-                args.source,
-                val_fraction=args.val_fraction,
-                max_size=args.max_size,
-                image_field=args.image_field,
-                caption_field=args.caption_field,
-                key_field=args.key_field,
-                label_field=args.label_field,
-                split=args.split,
-                encoding=args.encoding,
-                allow_outside_paths=args.allow_outside_paths,
-                num_threads=args.num_threads,
-                overwrite=args.overwrite,
-            )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file vanished or became unreadable while importing
-        where = f" {e.filename}" if e.filename else ""
-        print(f"error: cannot access{where}: {e.strerror or e}; check the path", file=sys.stderr)
-        return 2
-    return 0
+
+    def body():
+        try:
+            if args.name == DEMO_NAME:
+                prepare(
+                    DEMO_NAME,
+                    args.data_dir,
+                    args.source,
+                    seed=args.seed,
+                    image_size=args.image_size,
+                    num_train=args.num_train,
+                    num_validation=args.num_validation,
+                    num_test=args.num_test,
+                    overwrite=args.overwrite,
+                )
+            else:
+                prepare(
+                    args.name,
+                    args.data_dir,
+                    args.source,
+                    val_fraction=args.val_fraction,
+                    max_size=args.max_size,
+                    image_field=args.image_field,
+                    caption_field=args.caption_field,
+                    key_field=args.key_field,
+                    label_field=args.label_field,
+                    split=args.split,
+                    encoding=args.encoding,
+                    allow_outside_paths=args.allow_outside_paths,
+                    num_threads=args.num_threads,
+                    overwrite=args.overwrite,
+                )
+        except DataError:
+            raise  # DatasetNotPreparedError is an OSError too: its message stands
+        except OSError as e:  # a file vanished or became unreadable while importing
+            where = f" {e.filename}" if e.filename else ""
+            raise DataError(f"cannot access{where}: {e.strerror or e}; check the path") from e
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

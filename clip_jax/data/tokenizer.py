@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from clip_jax import cli
 from clip_jax.data import paths
 from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.errors import DataError
@@ -457,50 +458,53 @@ def main(argv=None) -> int:
     )
     p.add_argument("--encoding", default="utf-8", help="text encoding of the --captions files")
     args = p.parse_args(argv)
-    try:
-        if not 0.98 <= args.character_coverage <= 1:  # sentencepiece's own range
-            raise DataError(
-                f"--character_coverage must be in [0.98, 1], got {args.character_coverage}"
-            )
-        if args.vocab_size < 1:
-            raise DataError(f"--vocab_size must be a positive number, got {args.vocab_size}")
+
+    def body():
         try:
-            codecs.lookup(args.encoding)
-        except LookupError:
-            raise DataError(f"unknown --encoding {args.encoding!r} (e.g. utf-8, cp1252)") from None
-        if args.captions:
-            captions = (
-                c for path in args.captions for c in _read_caption_file(path, args.encoding)
+            if not 0.98 <= args.character_coverage <= 1:  # sentencepiece's own range
+                raise DataError(
+                    f"--character_coverage must be in [0.98, 1], got {args.character_coverage}"
+                )
+            if args.vocab_size < 1:
+                raise DataError(f"--vocab_size must be a positive number, got {args.vocab_size}")
+            try:
+                codecs.lookup(args.encoding)
+            except LookupError:
+                raise DataError(
+                    f"unknown --encoding {args.encoding!r} (e.g. utf-8, cp1252)"
+                ) from None
+            if args.captions:
+                captions = (
+                    c for path in args.captions for c in _read_caption_file(path, args.encoding)
+                )
+            else:
+                captions = (
+                    c
+                    for caps in read_captions(args.dataset, args.split, args.data_dir)
+                    for c in caps
+                )
+            path = train_tokenizer(
+                captions,
+                args.output,
+                args.vocab_size,
+                lowercase=not args.no_lowercase,
+                clean=args.clean,
+                model_type=args.model_type,
+                character_coverage=args.character_coverage,
+                hard_vocab_limit=not args.soft_vocab_limit,
             )
-        else:
-            captions = (
-                c for caps in read_captions(args.dataset, args.split, args.data_dir) for c in caps
-            )
-        path = train_tokenizer(
-            captions,
-            args.output,
-            args.vocab_size,
-            lowercase=not args.no_lowercase,
-            clean=args.clean,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            hard_vocab_limit=not args.soft_vocab_limit,
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # --output in a folder that cannot be created or written
-        where = f" {e.filename}" if e.filename else ""
+        except DataError:
+            raise  # DatasetNotPreparedError is an OSError too: its message stands
+        except OSError as e:  # --output in a folder that cannot be created or written
+            where = f" {e.filename}" if e.filename else ""
+            raise DataError(f"cannot write{where}: {e.strerror or e}; pass another --output") from e
+        tok = Tokenizer(path)
         print(
-            f"error: cannot write{where}: {e.strerror or e}; pass another --output", file=sys.stderr
+            f"wrote {path} (vocab_size={tok.vocab_size}, bot_id={tok.bot_id}, "
+            f"eot_id={tok.eot_id}, pad_id={tok.pad_id})"
         )
-        return 2
-    tok = Tokenizer(path)
-    print(
-        f"wrote {path} (vocab_size={tok.vocab_size}, bot_id={tok.bot_id}, "
-        f"eot_id={tok.eot_id}, pad_id={tok.pad_id})"
-    )
-    return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from clip_jax import sharding
-from clip_jax.data import info, pipeline
+from clip_jax.data import info, pipeline, truncation
 from clip_jax.eval import metrics
 from clip_jax.eval import templates as templates_lib
 from clip_jax.models.clip import l2_normalize
@@ -202,10 +203,31 @@ def extract_image_features(
     return out
 
 
+def _warn_if_cut(tokenizer, prompts: Sequence[str]) -> None:
+    """One warning when prompts are longer than the tokenizer's context: a cut prompt may lose
+    the class name itself, and zero-shot falls towards chance for its template."""
+    cut = truncation.truncated(tokenizer, prompts)
+    if cut.any() and jax.process_index() == 0:
+        example = prompts[int(np.argmax(cut))]
+        kept = tokenizer.decode(tokenizer.encode([example]))[0]
+        _warn_once(
+            f"warning: {int(cut.sum())} of {len(prompts)} zero-shot prompts are longer than "
+            f"tokenizer.context_length={tokenizer.context_length} and are cut, e.g. "
+            f"{example!r} reads {kept!r}; raise the context length or use shorter templates"
+        )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Each message once per process: a run evaluates the same tasks every eval.every_steps."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def zero_shot_weights(
     encoders: Encoders, tokenizer, names: Sequence[str], templates: Sequence[str]
 ) -> np.ndarray:
     """``[C, D]`` prompt-ensembled class embeddings (every class x every template)."""
     prompts = [templates_lib.fill(t, n) for n in names for t in templates]
+    _warn_if_cut(tokenizer, prompts)
     emb = encoders.texts(tokenizer.encode(prompts))
     return np.asarray(metrics.zero_shot_classifier(emb.reshape(len(names), len(templates), -1)))

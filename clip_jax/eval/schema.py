@@ -6,6 +6,27 @@ it without importing the evaluators. Per-kind settings live in ``eval.<kind>``.
 
 import ml_collections
 
+# The allowed values of every numeric key (of each element, for a sequence), checked by
+# `clip_jax.config.validate`: '> 0', '>= 1', or an interval such as '(0, 1)' or '[0, 1]'.
+RANGES = {
+    "every_steps": ">= 0",
+    "batch_size": "> 0",
+    "zeroshot.ks": ">= 1",
+    "retrieval.ks": ">= 1",
+    "retrieval.query_block": ">= 1",
+    "retrieval.key_block": ">= 1",
+    "linear_probe.val_fraction": "(0, 1)",
+    "linear_probe.c_values": "> 0",
+    "linear_probe.refine_steps": ">= 0",
+    "linear_probe.max_iter": ">= 1",
+    "linear_probe.max_train_examples": ">= 0",
+    "tip_adapter.shots": ">= 1",
+    "tip_adapter.val_per_class": ">= 1",
+    "tip_adapter.search_scale": "> 0",
+    "tip_adapter.search_step": ">= 1",
+    "tip_adapter.max_train_examples": ">= 0",
+}
+
 
 def config_schema() -> ml_collections.ConfigDict:
     """The ``eval`` group of the training config: every key, its type and default."""
