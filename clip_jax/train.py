@@ -35,7 +35,8 @@ from clip_jax.data import info, paths, pipeline, prepare, truncation
 from clip_jax.data.source import Source, record_captions
 from clip_jax.data.tokenizer import Tokenizer, load_tokenizer
 from clip_jax.errors import UserError
-from clip_jax.eval import preflight
+from clip_jax.eval import preflight, runner
+from clip_jax.eval.results import flat_metrics
 from clip_jax.metric_writers import MetricWriter
 from clip_jax.models import CLIP
 
@@ -304,9 +305,6 @@ def _validation(run: Run, eval_step, state, batch_size: int) -> dict[str, float]
 def _evaluate(run: Run, eval_step, state, writer, step, val_batch_size) -> dict[str, float]:
     results = _validation(run, eval_step, state, val_batch_size)
     if run.config.eval.tasks:
-        from clip_jax.eval import runner  # noqa: PLC0415 (evaluation is optional in the loop)
-        from clip_jax.eval.results import flat_metrics  # noqa: PLC0415 (as above)
-
         c = run.config
         results.update(
             flat_metrics(

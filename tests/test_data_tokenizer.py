@@ -253,3 +253,31 @@ def test_cli_captions_in_another_encoding(tmp_path):
         _tokenizer_cli(f"--captions={caps}", "--output=/proc/no/such/sp", "--encoding=latin-1"),
         "cannot write",
     )
+
+
+def test_cli_reports_the_captions_the_training_context_cuts(tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(CORPUS), encoding="utf-8")
+    out = str(tmp_path / "cut_sp")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.data.tokenizer",
+            f"--captions={caps}",
+            f"--output={out}",
+            "--vocab_size=300",
+            "--context_length=27",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    # Reference: sentencepiece's own piece count; a row holds BOT, 25 pieces and EOT.
+    tok = Tokenizer(out + ".model")
+    pieces = [len(tok._sp.encode(tok.normalize(c))) for c in CORPUS[:10_000]]
+    share = sum(n > 25 for n in pieces) / len(pieces)
+    assert 0 < share < 1
+    assert f"{share:.1%} of the first {len(pieces)}" in res.stdout

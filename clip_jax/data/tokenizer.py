@@ -34,7 +34,7 @@ import numpy as np
 import sentencepiece as spm
 
 from clip_jax import cli
-from clip_jax.data import paths
+from clip_jax.data import paths, truncation
 from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.errors import DataError
 from clip_jax.data.info import read_captions
@@ -429,6 +429,9 @@ def _read_caption_file(path: str, encoding: str = "utf-8") -> Iterable[str]:
                 ) from None
 
 
+TRUNCATION_SAMPLE = 10_000
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m clip_jax.data.tokenizer",
@@ -457,6 +460,12 @@ def main(argv=None) -> int:
         "spelled in bytes (sentencepiece's option; lower it for scripts with many characters)",
     )
     p.add_argument("--encoding", default="utf-8", help="text encoding of the --captions files")
+    p.add_argument(
+        "--context_length",
+        type=int,
+        default=77,
+        help="the training context (tokenizer.context_length): reports the captions it cuts",
+    )
     args = p.parse_args(argv)
 
     def body():
@@ -467,6 +476,10 @@ def main(argv=None) -> int:
                 )
             if args.vocab_size < 1:
                 raise DataError(f"--vocab_size must be a positive number, got {args.vocab_size}")
+            if args.context_length < 2:
+                raise DataError(
+                    f"--context_length must be >= 2 (BOT and EOT), got {args.context_length}"
+                )
             try:
                 codecs.lookup(args.encoding)
             except LookupError:
@@ -483,8 +496,16 @@ def main(argv=None) -> int:
                     for caps in read_captions(args.dataset, args.split, args.data_dir)
                     for c in caps
                 )
+            sample: list[str] = []  # the first captions, for the truncation report
+
+            def recorded(texts):
+                for text in texts:
+                    if len(sample) < TRUNCATION_SAMPLE:
+                        sample.append(text)
+                    yield text
+
             path = train_tokenizer(
-                captions,
+                recorded(captions),
                 args.output,
                 args.vocab_size,
                 lowercase=not args.no_lowercase,
@@ -498,10 +519,15 @@ def main(argv=None) -> int:
         except OSError as e:  # --output in a folder that cannot be created or written
             where = f" {e.filename}" if e.filename else ""
             raise DataError(f"cannot write{where}: {e.strerror or e}; pass another --output") from e
-        tok = Tokenizer(path)
+        tok = Tokenizer(path, context_length=args.context_length)
         print(
             f"wrote {path} (vocab_size={tok.vocab_size}, bot_id={tok.bot_id}, "
             f"eot_id={tok.eot_id}, pad_id={tok.pad_id})"
+        )
+        cut = truncation.truncated(tok, sample)
+        print(
+            f"captions longer than --context_length={args.context_length} (cut in training): "
+            f"{cut.mean():.1%} of the first {len(sample)}"
         )
 
     return cli.run(body)
