@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from clip_jax import losses, sharding
+from clip_jax.data import paths
 from clip_jax.data.tokenizer import TOKENIZER_KINDS
 from clip_jax.errors import UserError
 from clip_jax.eval.schema import RANGES as EVAL_RANGES
@@ -332,6 +333,11 @@ def _check_micro_batch(micro: int, batch_size: int, batch_shards: int) -> None:
         f"{per_device} (batch_size={batch_size} / {batch_shards} devices): use "
         f"{' or '.join(map(str, nearest))}, or 0 to turn gradient caching off"
     )
+
+
+def eval_data_dir(config: ml_collections.ConfigDict) -> str:
+    """Where the evaluation datasets live: `eval.data_dir`, else the training data's folder."""
+    return paths.resolve_data_dir(config.eval.data_dir or config.data.data_dir)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

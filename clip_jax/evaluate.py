@@ -33,7 +33,6 @@ from clip_jax import config as config_lib
 from clip_jax import step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import Checkpointer
-from clip_jax.data import paths
 from clip_jax.errors import UserError
 from clip_jax.eval import runner
 from clip_jax.eval.evaluators import build_evaluators
@@ -93,7 +92,7 @@ def _evaluate_pretrained(
         tokenizer,
         mesh,
         0,
-        data_dir=paths.resolve_data_dir(config.eval.data_dir or config.data.data_dir),
+        data_dir=config_lib.eval_data_dir(config),
         workdir=directory,
         tasks=tasks,
     )
@@ -140,7 +139,7 @@ def evaluate_checkpoint(
         run.tokenizer,
         run.mesh,
         step,
-        data_dir=paths.resolve_data_dir(config.eval.data_dir or config.data.data_dir),
+        data_dir=config_lib.eval_data_dir(config),
         workdir=workdir,
         tasks=tasks,
     )

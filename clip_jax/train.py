@@ -96,9 +96,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, eval_tasks: str | Non
             lowercase=config.tokenizer.lowercase,
             kind=config.tokenizer.kind,
         )
-    preflight.check_tasks(
-        config.eval, paths.resolve_data_dir(config.eval.data_dir or data_dir), eval_tasks
-    )
+    preflight.check_tasks(config.eval, config_lib.eval_data_dir(config), eval_tasks)
     model = step_lib.build_model(config, tokenizer.vocab_size, tokenizer.eot_id)
     if init_from is not None:
         init_from.check(config.model.name, model.config)
@@ -316,7 +314,7 @@ def _evaluate(run: Run, eval_step, state, writer, step, val_batch_size) -> dict[
                     run.tokenizer,
                     run.mesh,
                     step,
-                    data_dir=paths.resolve_data_dir(c.eval.data_dir or c.data.data_dir),
+                    data_dir=config_lib.eval_data_dir(c),
                     workdir=run.workdir,
                 )
             )
