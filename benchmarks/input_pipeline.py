@@ -1,21 +1,41 @@
-"""Input pipeline throughput: training images/s at 224 px and tokenised captions/s.
+"""Input pipeline throughput: the training transform and loader, old against new, in one run.
 
-Generates photo-like JPEGs of realistic size (400-600 px a side, quality 90; smooth
-colour fields, edges and grain so they compress and decode like photos), writes them as
-a webdataset shard, imports it with clip_jax.data.prepare, then times the training
-loader (decode + random square crop + resize to 224 + tokenise + batch) with 0, 1 and 2
-grain worker processes, and the tokenizer alone.
+Generates photo-like JPEGs (400-600 px a side, quality 90: smooth colour fields, edges and
+grain, so they compress and decode like photos), writes them as a webdataset shard and
+imports it twice with clip_jax.data.prepare: as they are, and re-encoded with
+`--max_size=256` (shorter side 256, the stored size img2dataset defaults to). For each
+source it then measures, in this one process:
 
-    python benchmarks/input_pipeline.py [--num_images=512] [--batch_size=64] \
-        [--batches=24] [--workers=0,1,2] [--data_dir=/tmp/...]
+  * the physical limit: a bare single-core loop of decode, crop and resize over the image
+    bytes in memory, no loader around it: the new transform
+    (`clip_jax.data.images.random_square_crop`), the same crop with PIL's decoder only
+    (the decoder this project did not pick), and the old transform, kept in this file as
+    the baseline (PIL draft decoding sized for the smallest crop, then the crop);
+  * the training loader (records, transform, tokenizer, batching) with the old transform
+    as it ran before (0 workers: one background thread; 1 and 2 worker processes) and with
+    the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes;
+  * the new decode and a window cut out without the resize: the host's share were the
+    bicubic resize done on the devices.
 
-Numbers depend on the CPU cores free at the time: the script prints how many it sees.
+"per core" divides by the CPU time this process and its worker processes used, which the
+other programs on a busy machine change less than the wall time; images/s of wall time and
+the cores kept busy are printed beside it. Every figure is the median of --repeats rounds,
+each round measuring every configuration once. "vs old" compares with the old loader with
+as many decoders (2 threads against 2 worker processes; 0 and 1 thread against 0 workers).
+
+    python benchmarks/input_pipeline.py [--num_images=512] [--batch_size=64] \\
+        [--batches=12] [--repeats=3] [--image_size=224] [--sweep_max_sizes=256,320,448]
+
+--sweep_max_sizes adds a table of the new transform's bare-loop rate and the bytes per
+image for sources stored at each shorter side, to choose `prepare --max_size`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
+import math
 import os
 import random
 import shutil
@@ -24,18 +44,23 @@ import tempfile
 import time
 
 import numpy as np
+import simplejpeg
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFilter
 
+from clip_jax.data import images
 from clip_jax.data import tokenizer as tok_lib
-from clip_jax.data.pipeline import train_loader
+from clip_jax.data.errors import DataError
+from clip_jax.data.pipeline import MAX_REPLACEMENTS, TrainLoader, _TrainBatch, train_loader
 from clip_jax.data.prepare import prepare_image_text
+from clip_jax.data.source import Source, record_captions
 
 WORDS = (
     "a photo of the dog cat man woman child car tree house street beach mountain "
     "river city sky red blue green old small large running sitting with on in at "
     "near under two three people playing field park table food plate window"
 ).split()
+CROP_SCALE = (0.9, 1.0)  # the config's default data.crop_scale_min / max
 
 
 def photo_like(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -75,71 +100,243 @@ def make_shard(path: str, n: int, seed: int = 0) -> tuple[int, list[str]]:
     return total, caps
 
 
-def time_loader(name, data_dir, tok, workers, batch_size, batches, image_size):
-    t0 = time.perf_counter()
-    loader = train_loader(
-        name,
-        "train",
-        data_dir,
-        global_batch_size=batch_size,
-        image_size=image_size,
-        tokenizer=tok,
-        seed=0,
-        num_workers=workers,
-        prefetch=2,
-        shard_index=0,
-        shard_count=1,
+# ---------------------------------------------------------------------------------------
+# The baseline: the training transform as it was before DCT-scaled decoding (not in the
+# library any more). PIL draft decoding at the scale the smallest crop allows, then the
+# crop box drawn on the decoded image and resized bicubically.
+# ---------------------------------------------------------------------------------------
+
+
+def old_draft_size(size: int, scale: tuple[float, float]) -> int:
+    return int(math.ceil(size / math.sqrt(max(scale[0], 1e-6))))
+
+
+def old_random_square_crop(img: Image.Image, size: int, rng, scale) -> np.ndarray:
+    lo, hi = scale
+    w, h = img.size
+    u = rng.uniform(lo, hi)
+    side = min(w, h) * math.sqrt(u)
+    x0 = rng.uniform(0.0, w - side)
+    y0 = rng.uniform(0.0, h - side)
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x0 + side, y0 + side))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def old_transform(data: bytes, size: int, rng, scale) -> np.ndarray:
+    img = images.decode_rgb(data, min_size=old_draft_size(size, scale))
+    return old_random_square_crop(img, size, rng, scale)
+
+
+@dataclasses.dataclass
+class OldTrainBatch(_TrainBatch):
+    """The loader's batch maker as it was, with the old transform."""
+
+    def __call__(self, k: int) -> dict:
+        size = self.image_size
+        positions = self.positions(k)
+        records = self.source.get([self.order[p] for p in positions])
+        n = len(self.source)
+        draft = old_draft_size(size, self.crop_scale)
+        out = np.empty((len(positions), size, size, 3), np.uint8)
+        texts, replaced = [], 0
+        for j, (p, rec) in enumerate(zip(positions, records)):
+            rng = np.random.default_rng([self.seed, p])
+            for _ in range(MAX_REPLACEMENTS):
+                try:
+                    img = images.decode_rgb(rec["image"], min_size=draft)
+                    break
+                except images.BadImage:
+                    replaced += 1
+                    rec = self.source.get([int(rng.integers(n))])[0]
+            else:
+                raise DataError("too many corrupt images")
+            out[j] = old_random_square_crop(img, size, rng, self.crop_scale)
+            caps = record_captions(rec)
+            texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
+        return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
+
+
+def new_pil_only(data: bytes, size: int, rng, scale) -> np.ndarray:
+    """The new crop with PIL's draft decoder (1/2, 1/4, 1/8) instead of simplejpeg."""
+    return images._crop_pil(data, rng.random(3).tolist(), scale, size)
+
+
+def decode_and_cut(data: bytes, size: int, rng, scale) -> np.ndarray:
+    """What would be left to the host if the devices resized: the new DCT-scaled decode and
+    a copy of a size x size window from the box, no resize."""
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    u, dx, dy = rng.random(3)
+    side = min(width, height) * math.sqrt(scale[0] + (scale[1] - scale[0]) * u)
+    eighths = min(8, math.ceil(8 * size / side))
+    eighths = 8 if eighths == 7 else eighths
+    f = eighths / 8
+    pixels = simplejpeg.decode_jpeg(
+        data, "RGB", min_height=math.ceil(height * f), min_width=math.ceil(width * f)
     )
-    warm = 2
-    for _ in range(warm):
-        b = next(loader)
-    t1 = time.perf_counter()
+    x0, y0 = int((width - side) * dx * f), int((height - side) * dy * f)
+    return pixels[y0 : y0 + size, x0 : x0 + size]
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, its threads and all its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def bare_rate(transform, datas: list[bytes], size: int) -> float:
+    """Images per CPU-second of one thread: decode, crop, resize into a batch array."""
+    out = np.empty((len(datas), size, size, 3), np.uint8)
+    t = time.process_time()
+    for j, data in enumerate(datas):
+        out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+    return len(datas) / (time.process_time() - t)
+
+
+@dataclasses.dataclass
+class LoaderRun:
+    wall_rate: float  # images/s
+    cores: float  # CPU seconds per wall second
+    per_core: float  # images per CPU second
+
+
+def time_loader(make, batches: int) -> LoaderRun:
+    loader = make()
+    for _ in range(2):  # start-up, workers' first batches
+        next(loader)
+    cpu, t = tree_cpu_seconds(), time.perf_counter()
     for _ in range(batches):
-        b = next(loader)
-    t2 = time.perf_counter()
+        batch = next(loader)
+    wall, cpu = time.perf_counter() - t, tree_cpu_seconds() - cpu
     loader.close()
-    assert b["image"].shape == (batch_size, image_size, image_size, 3)
-    return batches * batch_size / (t2 - t1), t1 - t0
+    n = batches * batch["image"].shape[0]
+    return LoaderRun(n / wall, cpu / wall, n / max(cpu, 1e-9))
+
+
+def median_run(runs: list[LoaderRun]) -> LoaderRun:
+    return LoaderRun(
+        *(float(np.median([getattr(r, f) for r in runs])) for f in LoaderRun.__annotations__)
+    )
+
+
+def loader_factory(name, data_dir, tok, args, old: bool, workers: int, threads: int):
+    def make() -> TrainLoader:
+        loader = train_loader(
+            name,
+            "train",
+            data_dir,
+            global_batch_size=args.batch_size,
+            image_size=args.image_size,
+            tokenizer=tok,
+            seed=0,
+            crop_scale=CROP_SCALE,
+            num_workers=workers,
+            num_threads=threads,
+            prefetch=2 if threads or workers else 0,
+            shard_index=0,
+            shard_count=1,
+        )
+        if old:
+            fn = loader._fn
+            loader._fn = OldTrainBatch(
+                **{f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)}
+            )
+        return loader
+
+    return make
+
+
+# (label, old transform?, worker processes, threads); the old rows are the loader as it ran.
+CONFIGS = (
+    ("old", "0 workers (1 thread)", True, 0, 1),
+    ("old", "1 worker process", True, 1, 1),
+    ("old", "2 worker processes", True, 2, 1),
+    ("new", "0 threads (caller)", False, 0, 0),
+    ("new", "1 thread", False, 0, 1),
+    ("new", "2 threads", False, 0, 2),
+    ("new", "1 worker process", False, 1, 1),
+    ("new", "2 worker processes", False, 2, 1),
+)
+# new row -> the old row it is compared with (the same number of decoders)
+BASELINE = {
+    "0 threads (caller)": "0 workers (1 thread)",
+    "1 thread": "0 workers (1 thread)",
+    "2 threads": "2 worker processes",
+    "1 worker process": "1 worker process",
+    "2 worker processes": "2 worker processes",
+}
+
+
+def source_bytes(name: str, data_dir: str, n: int) -> list[bytes]:
+    src = Source(name, "train", data_dir)
+    return [r["image"] for r in src.get(range(min(n, len(src))))]
+
+
+def stored_size(datas: list[bytes]) -> str:
+    sides = [min(Image.open(io.BytesIO(d)).size) for d in datas]
+    kib = sum(len(d) for d in datas) / len(datas) / 1024
+    return f"shorter side {min(sides)}-{max(sides)} px, {kib:.1f} KiB per image"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_images", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=24)
+    p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--workers", default="0,1,2")
-    p.add_argument("--data_dir", default=None, help="keep the prepared data here")
+    p.add_argument("--bare_images", type=int, default=192, help="images in each bare loop")
+    p.add_argument("--sweep_max_sizes", default="", help="e.g. 256,320,448")
     args = p.parse_args(argv)
     tfds.disable_progress_bar()
 
     work = tempfile.mkdtemp(prefix="clip_jax_bench_")
-    data_dir = args.data_dir or os.path.join(work, "tfds")
+    data_dir = os.path.join(work, "tfds")
     try:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(
-            f"CPU cores visible: {cpus}; load average: "
-            f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}"
-        )
+        cpus = len(os.sched_getaffinity(0))
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"CPU cores visible: {cpus}; load average at start: {load}")
         t = time.perf_counter()
-        total, caps = make_shard(os.path.join(work, "shard-00000.tar"), args.num_images)
+        shard = os.path.join(work, "shard-00000.tar")
+        total, caps = make_shard(shard, args.num_images)
         print(
             f"generated {args.num_images} JPEGs (400-600 px, q90), mean "
             f"{total / args.num_images / 1024:.1f} KiB, in {time.perf_counter() - t:.1f} s"
         )
-        t = time.perf_counter()
-        summary = prepare_image_text(
-            "bench_photos",
-            os.path.join(work, "shard-00000.tar"),
-            data_dir,
-            val_fraction=0,
-            verbose=False,
-            overwrite=True,
-        )
-        print(
-            f"imported {summary['splits']['train']['examples']} examples in "
-            f"{time.perf_counter() - t:.1f} s"
-        )
+        sweep = [int(x) for x in args.sweep_max_sizes.split(",") if x]
+        sources = {"256 px": ("bench_photos_256", 256), "400-600 px": ("bench_photos", None)}
+        sources.update({f"{m} px": (f"bench_photos_{m}", m) for m in sweep if m != 256})
+        for name, max_size in sources.values():
+            prepare_image_text(
+                name,
+                shard,
+                data_dir,
+                val_fraction=0,
+                max_size=max_size,
+                verbose=False,
+                overwrite=True,
+            )
         tok = tok_lib.Tokenizer(
             tok_lib.train_tokenizer(
                 caps * 4, os.path.join(work, "sp"), 400, hard_vocab_limit=False
@@ -147,15 +344,66 @@ def main(argv=None):
             context_length=77,
         )
 
-        for w in [int(x) for x in args.workers.split(",")]:
-            rate, startup = time_loader(
-                "bench_photos", data_dir, tok, w, args.batch_size, args.batches, args.image_size
-            )
+        size = args.image_size
+        print(
+            f"\n{size} px random square crops, scale {CROP_SCALE}; batch {args.batch_size}, "
+            f"{args.batches} timed batches; per core = images per CPU-second\n"
+        )
+        bare = {
+            "new": images.random_square_crop,
+            "new, PIL decoder only": new_pil_only,
+            "old": old_transform,
+            "new decode + cut, no resize": decode_and_cut,
+        }
+        datas = {
+            label: source_bytes(sources[label][0], data_dir, args.bare_images)
+            for label in ("256 px", "400-600 px")
+        }
+        for label, some in datas.items():
+            print(f"{label} source: {stored_size(some)}")
+        # Every repeat measures every configuration once, so a change of load on a shared
+        # machine touches old and new alike; the medians are printed.
+        limits, runs = {}, {}
+        for _ in range(args.repeats):
+            for label, some in datas.items():
+                for kind, fn in bare.items():
+                    limits.setdefault((label, kind), []).append(bare_rate(fn, some, size))
+                for path, par, old, workers, threads in CONFIGS:
+                    make = loader_factory(
+                        sources[label][0], data_dir, tok, args, old, workers, threads
+                    )
+                    runs.setdefault((label, path, par), []).append(time_loader(make, args.batches))
+        limit = {key: float(np.median(v)) for key, v in limits.items()}
+        rows = {key: median_run(v) for key, v in runs.items()}
+
+        print(
+            "\n| source | transform | loader | img/s | vs old | cores busy | img/s per core "
+            "| vs old | of the limit |"
+        )
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for (label, path, par), r in rows.items():
+            base = rows.get((label, "old", BASELINE.get(par, "")))
+            wall_vs = f"{r.wall_rate / base.wall_rate:.2f}x" if path == "new" else ""
+            core_vs = f"{r.per_core / base.per_core:.2f}x" if path == "new" else ""
+            of_limit = r.per_core / limit[label, "new" if path == "new" else "old"]
             print(
-                f"train loader, {args.image_size} px, batch {args.batch_size}, "
-                f"{w} worker process(es): {rate:8.1f} images/s  (start-up + 2 warm-up "
-                f"batches {startup:.1f} s)"
+                f"| {label} | {path} | {par} | {r.wall_rate:.0f} | {wall_vs} | {r.cores:.2f} | "
+                f"{r.per_core:.0f} | {core_vs} | {of_limit:.0%} |"
             )
+        print("\nPhysical limit, a bare single-core loop (decode, crop, resize; no loader):")
+        for label in datas:
+            text = ", ".join(f"{kind} {limit[label, kind]:.0f}" for kind in bare)
+            print(f"  {label}: {text} images/s")
+
+        if sweep:
+            print(f"\nStored size against the new transform's bare loop, {size} px crops:")
+            print("| stored shorter side | KiB per image | img/s per core |")
+            print("|---:|---:|---:|")
+            for label in [f"{m} px" for m in sorted(set(sweep) | {256})] + ["400-600 px"]:
+                datas = source_bytes(sources[label][0], data_dir, args.bare_images)
+                kib = sum(len(d) for d in datas) / len(datas) / 1024
+                rate = bare_rate(images.random_square_crop, datas, size)
+                print(f"| {label} | {kib:.1f} | {rate:.0f} |")
 
         texts = [caption(random.Random(i)) for i in range(4096)]
         tok.encode(texts[:256])
@@ -165,7 +413,9 @@ def main(argv=None):
             for i in range(0, len(texts), 1024):
                 tok.encode(texts[i : i + 1024])
         rate = reps * len(texts) / (time.perf_counter() - t)
-        print(f"tokenizer: {rate:,.0f} captions/s (6-20 words, context 77, batches of 1024)")
+        print(f"\ntokenizer: {rate:,.0f} captions/s (6-20 words, context 77, batches of 1024)")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average at the end: {load}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

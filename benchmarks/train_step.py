@@ -3,7 +3,7 @@
     python benchmarks/train_step.py --config=experiments/demo.py
     python benchmarks/train_step.py --config=experiments/vit_b32.py --config.batch_size=64
     python benchmarks/train_step.py --config=experiments/vit_b32.py --config.batch_size=4096 \
-        --config.model.remat_policy=dots --steps=20
+        --config.model.remat_policy=dots --config.model.attention=cudnn --steps=20
 
 Compiles exactly the step that training runs (`clip_jax.step.make_train_step`), times
 steady-state steps on random images and tokens (so the input pipeline is not measured:
@@ -24,6 +24,8 @@ from ml_collections import config_flags
 from clip_jax import config as config_lib
 from clip_jax import flops, losses, optim, sharding
 from clip_jax import step as step_lib
+from clip_jax.models.clip import attention_head_dims
+from clip_jax.models.layers import cudnn_attention_problem
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant].", lock_config=False
@@ -60,6 +62,17 @@ def xla_flops(compiled) -> float | None:
         analysis = analysis[0] if analysis else None
     value = (analysis or {}).get("flops")
     return float(value) if value and value > 0 else None
+
+
+def attention_used(model_config) -> str:
+    """model.attention; for 'auto', what it picks on these devices for each tower."""
+    if model_config.attention != "auto":
+        return model_config.attention
+    image, text = (
+        "xla" if cudnn_attention_problem(model_config.dtype, head_dim) else "cudnn"
+        for head_dim in attention_head_dims(model_config)
+    )
+    return f"auto (image {image}, text {text})"
 
 
 def time_steps(compiled, state, batch) -> list[float]:
@@ -125,6 +138,7 @@ def main(_):
         f"config        {config.model.name}, global batch {config.batch_size}, "
         f"micro-batch {config.micro_batch_size or 'off'} per device, "
         f"dtype {config.model.dtype}, remat {config.model.remat_policy}, "
+        f"attention {attention_used(model.config)}, "
         f"loss {config.loss.kind}/{config.loss.impl}, mesh data={config.mesh.data} "
         f"fsdp={config.mesh.fsdp} model={config.mesh.model}"
     )

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from clip_jax import storage
 from clip_jax.errors import UserError
 
 CORRUPT_DIR = "corrupt"
@@ -92,7 +93,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            epath.Path(directory).absolute(), options=options, item_names=("state", "loader")
+            storage.path(directory), options=options, item_names=("state", "loader")
         )
 
     def latest_step(self) -> int | None:
@@ -165,7 +166,10 @@ class Checkpointer:
         return str(moved)
 
     def reached_preemption(self, step: int) -> bool:
-        """True on every host once the cluster signalled preemption (multi-host runs)."""
+        """Multi-process runs: True at the same step on every process once any of them got
+        SIGTERM. jax.distributed's preemption service catches the signal, and the processes
+        agree on the step after the furthest one's; so each must call this at every step,
+        from the step it starts at. Always False in a single process."""
         return self._manager.reached_preemption(step)
 
     def wait(self) -> None:
@@ -173,3 +177,14 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest complete step in `directory`, read without writing anything (the report of
+    a lost process, `peer_loss`, names the step a relaunch resumes from)."""
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(storage.path(directory), options=options)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()

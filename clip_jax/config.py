@@ -16,14 +16,20 @@ from typing import Any
 
 import ml_collections
 
-from clip_jax import losses, sharding
+from clip_jax import losses, profiling, sharding
 from clip_jax.data import paths
 from clip_jax.data.tokenizer import TOKENIZER_KINDS
 from clip_jax.errors import UserError
 from clip_jax.eval.schema import RANGES as EVAL_RANGES
 from clip_jax.eval.schema import config_schema
-from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
-from clip_jax.models.registry import list_models
+from clip_jax.models.clip import attention_head_dims
+from clip_jax.models.layers import (
+    ACTIVATIONS,
+    ATTENTION_IMPLS,
+    REMAT_POLICIES,
+    cudnn_attention_problem,
+)
+from clip_jax.models.registry import get_config, list_models
 
 LOSS_KINDS = ("softmax", "sigmoid")
 LOSS_IMPLS = ("dense", "gather", "ring")
@@ -43,7 +49,9 @@ RANGES = {
     "data.crop_scale_min": "(0, 1]",
     "data.crop_scale_max": "(0, 1]",
     "data.num_workers": ">= 0",
+    "data.num_threads": ">= 0",
     "data.prefetch": ">= 1",
+    "data.device_prefetch": ">= 0",
     "tokenizer.context_length": ">= 2",  # at least the start and end tokens
     "optim.lr": "> 0",
     "optim.warmup_steps": ">= 0",
@@ -77,12 +85,17 @@ def defaults() -> ml_collections.ConfigDict:
     c.total_steps = 1000
     c.log_every = 10
     c.max_bad_steps = 5  # non-finite steps in a row before the run stops
+    # 'START,COUNT': a jax.profiler trace of those steps in workdir/tensorboard; '' = none.
+    c.profile_steps = ""
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "ViT-B/32"
     c.model.dtype = "float32"  # computation dtype
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"
+    # The attention core: 'auto' = cuDNN's fused kernel on NVIDIA GPUs in bfloat16 where its
+    # shapes allow, else XLA; 'xla'; 'cudnn' (an error where it does not apply).
+    c.model.attention = "auto"
     c.model.logit_scale_init = 1 / 0.07
     c.model.use_logit_bias = False
     c.model.logit_bias_init = -10.0
@@ -101,7 +114,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.crop_scale_min = 0.9
     c.data.crop_scale_max = 1.0
     c.data.num_workers = 0
+    # Decoding threads in each process (the training process when num_workers = 0; 0 = in
+    # the training loop's own thread); libjpeg-turbo and PIL release the GIL.
+    c.data.num_threads = 1
     c.data.prefetch = 2
+    c.data.device_prefetch = 2  # global batches on the devices ahead of the step
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "sentencepiece"  # or 'clip_bpe': the CLIP BPE of pretrained models
@@ -251,6 +268,7 @@ def validate(
     _choice("model.param_dtype", config.model.param_dtype, DTYPES)
     _choice("optim.mu_dtype", config.optim.mu_dtype, DTYPES)
     _choice("model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
+    _choice("model.attention", config.model.attention, ATTENTION_IMPLS)
     _choice("optim.freeze", config.optim.freeze, FREEZE)
     _choice("model.init_towers", config.model.init_towers, INIT_TOWERS)
     _choice("model.activation", config.model.activation, ("", *sorted(ACTIVATIONS)))
@@ -264,6 +282,15 @@ def validate(
         )
     for key, allowed in RANGES.items():
         _check_range(key, _lookup(config, key), allowed)
+    try:
+        profile = profiling.parse_steps(config.profile_steps)
+    except ValueError as e:
+        raise ConfigError(f"config key 'profile_steps' is {config.profile_steps!r}: {e}") from None
+    if profile and profile[0] > config.total_steps:
+        raise ConfigError(
+            f"profile_steps={config.profile_steps} starts after the last step "
+            f"(total_steps={config.total_steps}): trace steps within the run"
+        )
     if config.loss.chunk_size < 0:
         raise ConfigError(
             f"loss.chunk_size={config.loss.chunk_size} must be >= 0 (0 = one chunk per ring tile)"
@@ -279,6 +306,8 @@ def validate(
             f"{config.total_steps}: lower the warm-up or train longer"
         )
     if num_devices is not None:
+        if config.model.attention == "cudnn":
+            _check_cudnn_attention(config.model)
         sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.model)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ConfigError(
@@ -317,6 +346,18 @@ def validate(
                         f"loss.{problem}; per-device batch = {key} {batch} / {batch_shards} "
                         "devices (mesh data x fsdp)"
                     )
+
+
+def _check_cudnn_attention(model: ml_collections.ConfigDict) -> None:
+    """model.attention='cudnn' on this run's devices, compute dtype and both towers' heads."""
+    named = get_config(model.name)
+    for head_dim in attention_head_dims(named):
+        problem = cudnn_attention_problem(model.dtype, head_dim)
+        if problem:
+            raise ConfigError(
+                f"model.attention='cudnn' does not apply to {model.name} here: {problem}; "
+                "use model.attention='auto' (cuDNN where it applies, else XLA) or 'xla'"
+            )
 
 
 def _check_micro_batch(micro: int, batch_size: int, batch_shards: int) -> None:

@@ -21,14 +21,13 @@ results in ``DIR/eval/0/``::
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from clip_jax import cli, pretrained, sharding
+from clip_jax import cli, pretrained, sharding, storage
 from clip_jax import config as config_lib
 from clip_jax import step as step_lib
 from clip_jax import train as train_lib
@@ -67,11 +66,12 @@ def load_config(
         return config
     if pretrained.is_pretrained_dir(workdir):  # no run config: the default eval settings
         return config_lib.defaults()
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "config.json")
+    with storage.access(path, "read"):
+        exists = storage.path(path).is_file()
+    if not exists:
         raise EvaluationError(f"no --config given and {path} does not exist; pass --config=FILE")
-    with open(path) as f:
-        return config_lib.from_dict(json.load(f))
+    return config_lib.from_dict(json.loads(storage.read_text(path)))
 
 
 def _evaluate_pretrained(
@@ -118,8 +118,11 @@ def evaluate_checkpoint(
         )
     if pretrained.is_pretrained_dir(workdir):
         return _evaluate_pretrained(config, workdir, tasks)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    storage.require(workdir, "checkpoints", "--workdir")
+    ckpt_dir = storage.join(workdir, "checkpoints")
+    with storage.access(ckpt_dir, "read"):
+        found = storage.path(ckpt_dir).is_dir()
+    if not found:
         raise EvaluationError(
             f"no checkpoints in {ckpt_dir} (directory missing); pass the run's --workdir"
         )

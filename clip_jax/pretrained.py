@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clip_jax import storage
 from clip_jax.data import images as image_ops
 from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.tokenizer import Tokenizer
@@ -97,10 +98,14 @@ def save(
 
 def is_pretrained_dir(directory: str) -> bool:
     """Whether ``directory`` has the layout above (its ``config.json`` says so)."""
+    path = storage.join(directory, "config.json")
+    with storage.access(path, "read"):  # an unreachable bucket is an error, not "no"
+        found = storage.path(path).is_file()
+    if not found:
+        return False
     try:
-        with open(os.path.join(os.fspath(directory), "config.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+        meta = json.loads(storage.read_text(path))
+    except ValueError:
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 

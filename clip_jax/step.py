@@ -40,6 +40,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, eot_id: int)
         dtype=m.dtype,
         param_dtype=m.param_dtype,
         remat_policy=m.remat_policy,
+        attention=m.attention,
         logit_scale_init=m.logit_scale_init,
         logit_bias_init=m.logit_bias_init if m.use_logit_bias else None,
         text=dict(

@@ -15,8 +15,8 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
+import traceback
 
 import jax
 import ml_collections
@@ -27,13 +27,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from clip_jax import cli, flops, losses, optim, sharding, warm_start
+from clip_jax import cli, flops, losses, optim, peer_loss, profiling, sharding, storage, warm_start
 from clip_jax import config as config_lib
 from clip_jax import step as step_lib
 from clip_jax.checkpoint import Checkpointer
 from clip_jax.data import info, paths, pipeline, prepare, truncation
 from clip_jax.data.source import Source, record_captions
 from clip_jax.data.tokenizer import Tokenizer, load_tokenizer
+from clip_jax.device_prefetch import DevicePrefetch
 from clip_jax.errors import UserError
 from clip_jax.eval import preflight, runner
 from clip_jax.eval.results import flat_metrics
@@ -60,17 +61,10 @@ class Run:
 
 
 def _check_workdir(workdir: str) -> None:
-    """A folder that exists (or is created now) and takes new files: checkpoints, metrics."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"--workdir={workdir} is a file; pass a folder (new or existing)")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"--workdir={workdir} cannot be written ({e.strerror or e}); pass a writable folder"
-        ) from e
+    """A folder or bucket prefix that exists (or is created now) and takes new files:
+    checkpoints, metrics."""
+    storage.check_writable_dir(workdir, "--workdir")  # an unreachable bucket is reported first
+    storage.require(workdir, "checkpoints", "--workdir")
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, eval_tasks: str | None = None) -> Run:
@@ -79,6 +73,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, eval_tasks: str | Non
     config_lib.validate(config, jax.device_count(), jax.process_count())
     _check_workdir(workdir)
     data_dir = paths.resolve_data_dir(config.data.data_dir)
+    storage.require(data_dir, "datasets", "--config.data.data_dir")
     init_from = None
     if config.model.init_from and not warm_start.has_checkpoint(workdir):
         init_from = warm_start.open_source(config.model.init_from, config.model.init_towers)
@@ -157,6 +152,7 @@ def _train_loader(run: Run) -> pipeline.TrainLoader:
         seed=c.seed,
         crop_scale=(c.data.crop_scale_min, c.data.crop_scale_max),
         num_workers=c.data.num_workers,
+        num_threads=c.data.num_threads,
         prefetch=c.data.prefetch,
     )
 
@@ -184,17 +180,30 @@ def _restore_or_init(
 
 
 class _PreemptionFlag:
-    """Set by SIGTERM (what schedulers send before preemption); read at step boundaries."""
+    """Set by SIGTERM (what schedulers send before preemption); read at step boundaries.
+
+    A single process only. In a multi-process run SIGTERM often reaches one host alone (a
+    preempted VM); jax.distributed's preemption service catches it there and every process
+    stops at the same step (`Checkpointer.reached_preemption`). A handler here would replace
+    the service's and stop the signalled process alone, leaving the others in a collective.
+    """
 
     def __init__(self):
         self.set = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if not jax.distributed.is_initialized():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.set = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# Waiting for input longer than this share of the time warns (once): the devices idle.
+INPUT_BOUND_SHARE = 0.10
 
 
 class _LogWindow:
@@ -205,6 +214,8 @@ class _LogWindow:
     ):
         self.batch_size, self.n_devices = batch_size, n_devices
         self.step_flops, self.peak_tflops = step_flops, peak_tflops
+        self.windows = 0  # windows ended so far; the first holds start-up and compilation
+        self.warned = False
         self.reset()
 
     def reset(self):
@@ -221,7 +232,7 @@ class _LogWindow:
         tflops = self.step_flops * steps / elapsed / self.n_devices / 1e12
         rates = {
             "step_time": elapsed / steps,
-            "data_wait": self.data_wait / steps,
+            "data_wait": self.data_wait / elapsed,  # share of the time spent waiting for input
             "samples_per_s": self.batch_size * steps / elapsed,
             "samples_per_s_per_device": self.batch_size * steps / elapsed / self.n_devices,
             "model_tflops_per_device": tflops,
@@ -230,8 +241,30 @@ class _LogWindow:
             rates["mfu"] = tflops / self.peak_tflops
         return rates
 
+    def end(self) -> dict[str, float]:
+        """This window's rates; the next window starts now."""
+        rates = self.rates()
+        self.windows += 1
+        self.reset()
+        return rates
 
-def _check_and_log(step, metrics, writer, window, loader, config, force=False):
+    def input_bound_warning(self, data_wait: float, data: ml_collections.ConfigDict) -> str:
+        """One line the first time that a window after the first waited for input more than
+        INPUT_BOUND_SHARE of its time ('' otherwise); `data_wait` from the window just ended."""
+        if self.warned or self.windows < 2 or data_wait <= INPUT_BOUND_SHARE:
+            return ""
+        self.warned = True
+        where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+        return (
+            f"warning: the training loop waited for input {data_wait:.0%} of the time{where} "
+            f"(over {INPUT_BOUND_SHARE:.0%}: the devices idle); raise data.num_workers (now "
+            f"{data.num_workers}), data.num_threads (now {data.num_threads}) or data.prefetch "
+            f"(now {data.prefetch}), or store smaller images (python -m clip_jax.data.prepare "
+            "--max_size)"
+        )
+
+
+def _check_and_log(step, metrics, writer, window, feed, config, force=False):
     bad = int(metrics["bad_steps"])
     if bad >= config.max_bad_steps:
         raise NonFiniteError(
@@ -244,13 +277,15 @@ def _check_and_log(step, metrics, writer, window, loader, config, force=False):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     seen = step * config.batch_size
     values.update(
-        window.rates(),
+        window.end(),
         examples_seen=seen,
-        epoch=seen / loader.num_records,
+        epoch=seen / feed.loader.num_records,
         # this host's count: unreadable images replaced by a deterministic substitute
-        images_replaced=loader.num_replaced,
+        images_replaced=feed.num_replaced,
     )
-    window.reset()
+    warning = window.input_bound_warning(values["data_wait"], config.data)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     writer.write(step, values)
     return values
 
@@ -334,10 +369,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     run = setup(config, workdir)
     _prepare_training_data(run)
     _report_truncation(run)
-    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+        storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
 
     model, mesh = run.model, run.mesh
     schedule = optim.schedule(config.optim, config.total_steps)
@@ -359,7 +392,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
     loader = _train_loader(run)
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        storage.join(workdir, "checkpoints"),
         keep=config.checkpoint.keep,
         keep_period=config.checkpoint.keep_period,
         async_save=config.checkpoint.async_save,
@@ -367,31 +400,40 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state, start = _restore_or_init(run, abstract, ckpt, loader)
     val_batch_size = _validation_batch_size(run)
 
-    writer = MetricWriter(workdir, config.total_steps)
+    writer = MetricWriter(workdir, config.total_steps, resume_step=start)
     preempted = _PreemptionFlag()
+    # The preemption service counts steps from its last call (0 before any); a resumed run
+    # tells it where it starts, or a SIGTERM before the first step would pick a passed step.
+    ckpt.reached_preemption(start)
     window = _LogWindow(
         config.batch_size,
         jax.device_count(),
         flops.train_step_flops(model.config, config.batch_size, config.optim.freeze),
         flops.peak_tflops(jax.devices()[0].device_kind),
     )
+    # The loader reads ahead of the steps; `feed` knows its state after the batches used.
+    feed = DevicePrefetch(loader, mesh, config.data.device_prefetch)
+    profiler = profiling.StepProfiler(config.profile_steps, workdir)
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
     evaluated: dict[str, float] = {}
     step = start
     try:
         while step < config.total_steps:
+            profiler.before_step(step + 1)  # the trace shows the wait for input too
             with window.waiting_for_data():
-                host_batch = next(loader)
-            state, metrics = train_step(state, sharding.to_global(host_batch, mesh))
+                batch = next(feed)
+            state, metrics = train_step(state, batch)
             step += 1
             window.steps += 1
+            profiler.after_step(step, metrics)
             if pending is not None:
-                last = _check_and_log(*pending, writer, window, loader, config) or last
+                last = _check_and_log(*pending, writer, window, feed, config) or last
             pending = (step, metrics)
             stop = preempted.set or ckpt.reached_preemption(step)
             if stop or step % config.checkpoint.every_steps == 0 or step == config.total_steps:
-                ckpt.save(step, state, loader.get_state())
+                ckpt.save(step, state, feed.get_state())
+                writer.flush_after(step)  # a bucket's metrics.jsonl is uploaded once it is logged
             if stop:
                 ckpt.wait()
                 print(f"preemption signal: saved step {step}, exiting", flush=True)
@@ -400,10 +442,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if periodic or step == config.total_steps:
                 evaluated = _evaluate(run, eval_step, state, writer, step, val_batch_size)
         if pending is not None:
-            last = _check_and_log(*pending, writer, window, loader, config, force=True) or last
+            last = _check_and_log(*pending, writer, window, feed, config, force=True) or last
         if step == config.total_steps and not preempted.set:
             last.update(evaluated)
     finally:
+        profiler.stop()
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -412,15 +455,69 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def initialize_distributed(
-    coordinator: str, num_processes: int, process_id: int, auto: bool
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    auto: bool,
+    heartbeat_timeout_s: int,
+    workdir: str,
 ) -> None:
-    """Joins a multi-process run: explicit (local runs) or auto-detected (SLURM, TPU pods)."""
+    """Joins a multi-process run: explicit (local runs) or auto-detected (SLURM, TPU pods).
+
+    A process that stops heartbeating for `heartbeat_timeout_s` counts as dead, and jax's
+    coordination service then ends every other one (a coordinator that dies ends them at
+    once). The stderr of each goes through `peer_loss`, which turns the fatal dump into one
+    line that names the lost process and the checkpoint a relaunch resumes from.
+    """
+    if not (coordinator or auto):
+        return
+    explicit = {}
     if coordinator:
         # Cross-process collectives for the CPU backend; accelerator backends ignore it.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    elif auto:
-        jax.distributed.initialize()
+        explicit = dict(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=heartbeat_timeout_s)
+    peer_loss.start_filter(
+        jax.process_count(), jax.process_index(), storage.join(workdir, "checkpoints")
+    )
+
+
+@contextlib.contextmanager
+def _awaiting_peer_loss(heartbeat_timeout_s: int):
+    """A collective that fails in a multi-process run (gloo: "connection reset by peer") most
+    often means that another process died. The coordination service confirms that within the
+    heartbeat timeout and ends this process, reported in one line by `peer_loss`; waiting for
+    it, rather than raising at once, gives one message for one cause. An error that outlives
+    the wait is raised as it came."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError:
+        if jax.process_count() > 1:
+            time.sleep(2 * heartbeat_timeout_s)
+        raise
+
+
+@contextlib.contextmanager
+def _alone_on_error():
+    """A multi-process run whose process fails on its own (a bug, a path only this host
+    cannot read) exits at once. A normal exit would wait in jax.distributed's shutdown
+    barrier (up to 5 minutes) for peers that are waiting for it in a collective; gone, it
+    stops heartbeating, and the coordination service ends the others within the timeout."""
+    try:
+        yield
+    except BaseException as e:
+        if jax.process_count() == 1 or isinstance(e, SystemExit):
+            raise
+        if isinstance(e, cli.USER_ERRORS):
+            status = cli.report(e)
+        else:
+            traceback.print_exc()
+            status = 1
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(status)
 
 
 def main(argv=None) -> int:
@@ -434,12 +531,27 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("num_processes", 1, "Processes in an explicit multi-process run.")
     flags.DEFINE_integer("process_id", 0, "This process's index in an explicit multi-process run.")
     flags.DEFINE_bool("multihost", False, "Auto-detect the cluster (SLURM, TPU pod) and join it.")
+    flags.DEFINE_integer(
+        "heartbeat_timeout_s",
+        100,
+        "Multi-process runs: seconds without a heartbeat after which a process counts as dead "
+        "and every other one stops (exit status 134, one line on stderr).",
+        lower_bound=1,
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run():
         f = flags.FLAGS
-        initialize_distributed(f.coordinator, f.num_processes, f.process_id, f.multihost)
-        train(f.config, f.workdir)
+        initialize_distributed(
+            f.coordinator,
+            f.num_processes,
+            f.process_id,
+            f.multihost,
+            f.heartbeat_timeout_s,
+            f.workdir,
+        )
+        with _alone_on_error(), _awaiting_peer_loss(f.heartbeat_timeout_s):
+            train(f.config, f.workdir)
 
     cli.run_absl(run, argv, check_argv=config_lib.check_command_line)
     return 0

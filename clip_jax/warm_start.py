@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from clip_jax import optim, pretrained
+from clip_jax import optim, pretrained, storage
 from clip_jax.config import ConfigError
 from clip_jax.models.clip import CLIPConfig
 from clip_jax.models.registry import get_config
@@ -142,8 +142,11 @@ class Source:
 
 def _steps(workdir: str) -> list[int]:
     """The complete checkpoints of a training workdir (Orbax renames a step when done)."""
-    root = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+    root = storage.path(workdir) / "checkpoints"
+    with storage.access(workdir, "list"):
+        return (
+            sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+        )
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -155,7 +158,7 @@ def _latest_step_dir(workdir: str) -> epath.Path:
     steps = _steps(workdir)
     if not steps:
         raise ConfigError(f"model.init_from={workdir}: no checkpoints in {workdir}/checkpoints")
-    return epath.Path(workdir) / "checkpoints" / str(steps[-1]) / "state"
+    return storage.path(workdir) / "checkpoints" / str(steps[-1]) / "state"
 
 
 def _state_metadata(workdir: str) -> dict:
@@ -182,10 +185,9 @@ def _restore_workdir_state(workdir: str) -> dict:
 
 
 def _workdir_source(workdir: str, towers: tuple[str, ...]) -> Source:
-    path = os.path.join(workdir, "config.json")
+    path = storage.join(workdir, "config.json")
     try:
-        with open(path) as f:
-            model = json.load(f)["model"]
+        model = json.loads(storage.read_text(path))["model"]
         activation = model.get("activation") or get_config(model["name"]).activation
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(
@@ -194,7 +196,7 @@ def _workdir_source(workdir: str, towers: tuple[str, ...]) -> Source:
     tree = _state_metadata(workdir)
     shapes = {**_flat({"params": tree["params"]}), **_flat(tree.get("model_state") or {})}
     return Source(
-        path=os.path.abspath(workdir),
+        path=storage.resolve(workdir),
         kind="workdir",
         name=model["name"],
         activation=activation,

@@ -23,6 +23,7 @@ chex.set_n_cpu_devices(8)  # through XLA_FLAGS too, so subprocesses see the same
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+import two_processes  # noqa: E402
 
 from clip_jax.data.prepare import prepare_demo  # noqa: E402
 
@@ -35,3 +36,11 @@ def demo_data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("demo_tfds"))
     prepare_demo(d, num_train=640, num_validation=48, num_test=40, image_size=32, verbose=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def two_process_run(demo_data_dir, tmp_path_factory):
+    """The workdir of an uninterrupted 2-process run (`two_processes`), shared as a reference."""
+    workdir = str(tmp_path_factory.mktemp("two_processes"))
+    two_processes.finish(two_processes.start(workdir, demo_data_dir))
+    return workdir

@@ -239,3 +239,18 @@ def write_image_folder(root: str, classes: dict[str, list[bytes]]) -> int:
             with open(os.path.join(root, name, f"{i:03d}.png"), "wb") as f:
                 f.write(data)
     return sum(len(v) for v in classes.values())
+
+
+def write_shards(folder: str, shards: int, pairs: int) -> list[dict]:
+    """`shards` webdataset tars shard-00000.tar... of `pairs` cases each: make_cases' good
+    and broken files in turn, under keys unique across shards. Returns every case."""
+    cases = []
+    for s in range(shards):
+        pool = make_cases(seed=s)
+        shard = [
+            dict(pool[i % len(pool)], key=f"s{s}_{i:04d}_{pool[i % len(pool)]['key']}")
+            for i in range(pairs)
+        ]
+        write_tar(os.path.join(folder, f"shard-{s:05d}.tar"), shard)
+        cases += shard
+    return cases

@@ -1,16 +1,17 @@
-"""Loader: determinism, resumption, sharding over hosts, eval padding, corrupt images,
-hand-off to global jax.Arrays (`sharding.to_global`). Real tfds datasets written to a
-temporary data_dir."""
+"""Loader: determinism (over threads, processes and resumption), the training crop against
+PIL references, sharding over hosts, eval padding, corrupt images, hand-off to global
+jax.Arrays (`sharding.to_global`). Real tfds datasets written to a temporary data_dir."""
 
 import io
 import json
+import math
 
 import chex
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clip_jax.data import images
 from clip_jax.data.builders import common
@@ -98,19 +99,6 @@ def test_epochs_are_reshuffled(demo):
     ep1 = [i for k in range(6, 12) for i in loader.record_indices(k)]
     assert sorted(ep0) == sorted(ep1) == list(range(96)) and ep0 != ep1
     assert len(list(loader)) == 12
-
-
-def test_worker_processes_match_and_resume_across_worker_counts(demo):
-    ref = _take(_loader(demo), 4)
-    workers = _loader(demo, num_workers=2)
-    got = _take(workers, 2)
-    state = workers.get_state()
-    workers.close()
-    for x, y in zip(got, ref):
-        chex.assert_trees_all_equal(x, y)
-    resumed = _loader(demo, num_workers=0)
-    resumed.set_state(state)
-    chex.assert_trees_all_equal(next(resumed), ref[2])
 
 
 def test_eval_loader_pads_and_masks_over_two_hosts(demo):
@@ -246,9 +234,178 @@ def test_decode_handles_exif_rotation_and_crops():
     arr[:, :30, 0] = arr[:, 30:60, 1] = arr[:, 60:, 2] = 255
     crop = images.center_crop(Image.fromarray(arr), 15)
     assert crop[..., 1].min() > 230 and crop[..., 0].max() < 20 and crop[..., 2].max() < 20
-    rng1, rng2 = np.random.default_rng(5), np.random.default_rng(5)
-    src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8))
-    chex.assert_trees_all_equal(
-        images.random_square_crop(src, 16, rng1, (0.5, 1.0)),
-        images.random_square_crop(src, 16, rng2, (0.5, 1.0)),
+
+
+# ---------------------------------------------------------------------------------------
+# The training crop of JPEGs: DCT-scaled decoding, PIL fallbacks, determinism
+# ---------------------------------------------------------------------------------------
+
+CROP = (0.9, 1.0)
+
+
+def _photo(rng, w, h, mode="RGB"):
+    """A smooth colour field with grain: compresses and decodes like a photo."""
+    base = rng.uniform(0, 255, size=(3, 4, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR))
+    noisy = np.clip(field + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy).convert(mode)
+
+
+def _jpeg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def _rotated_jpeg(rng):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 60 x 84 upright
+    return _jpeg(_photo(rng, 84, 60), exif=exif.tobytes())
+
+
+# key prefix -> how the reference decodes it: 'full' at scale 1 (the crop needs every pixel),
+# 'half' at 1/2 (crop side 68-80 for 32 px), 'fine' at 3/8 (no PIL reference: close only).
+PHOTO_KINDS = {
+    "full_rgb": lambda rng: _jpeg(_photo(rng, int(rng.integers(34, 41)), 40)),
+    "full_gray": lambda rng: _jpeg(_photo(rng, 38, 36, "L")),
+    "full_cmyk": lambda rng: _jpeg(_photo(rng, 44, 36, "CMYK")),
+    "full_exif": _rotated_jpeg,
+    "half_rgb": lambda rng: _jpeg(_photo(rng, int(rng.integers(76, 91)), 76)),
+    "half_progressive": lambda rng: _jpeg(_photo(rng, 80, 78), progressive=True),
+    "fine_rgb": lambda rng: _jpeg(_photo(rng, 110, int(rng.integers(104, 111)))),
+    "png": lambda rng: _png(_photo(rng, 45, 52)),
+}
+
+
+def _png(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+class PhotoSet(common.Builder, skip_registration=True):
+    """JPEGs of every kind the training crop decodes differently (and a PNG)."""
+
+    name = "photo_set"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            disable_shuffling=True,
+            features=tfds.features.FeaturesDict(common.text_features()),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        kinds = list(PHOTO_KINDS)
+        for i in range(24):
+            kind = kinds[i % len(kinds)]
+            caps = [f"photo {i}", f"picture {i}"]
+            yield i, {"image": PHOTO_KINDS[kind](rng), "caption": caps, "key": f"{kind}/{i}"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, demo):
+    d = str(tmp_path_factory.mktemp("photo_tfds"))
+    PhotoSet(data_dir=d, file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
+    return d, demo[1]
+
+
+def _photo_loader(photos, **kw):
+    d, tok = photos
+    args = dict(
+        global_batch_size=8, image_size=SIZE, tokenizer=tok, seed=7, shard_index=0, shard_count=1
+    )
+    args.update(kw)
+    return train_loader("photo_set", "train", d, **args)
+
+
+def _reference_crop(data: bytes, kind: str, seed: int, position: int) -> np.ndarray:
+    """The crop computed directly with PIL: the box from numpy's uniform draws on the
+    upright image, the pixels decoded at the scale the kind names, one bicubic resize."""
+    rng = np.random.default_rng([seed, position])
+    img = Image.open(io.BytesIO(data))
+    upright = ImageOps.exif_transpose(img).size if "exif" in kind else img.size
+    w, h = upright
+    side = min(w, h) * math.sqrt(rng.uniform(*CROP))
+    x0, y0 = rng.uniform(0.0, w - side), rng.uniform(0.0, h - side)
+    reduce = 2 if kind.startswith("half") else 1
+    if reduce > 1:
+        img.draft("RGB", (img.width // reduce, img.height // reduce))
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    box = (x0 / reduce, y0 / reduce, (x0 + side) / reduce, (y0 + side) / reduce)
+    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box))
+
+
+def test_jpeg_crops_match_pil_references(photos):
+    """Every example of two batches (all kinds) against `_reference_crop`: equal where
+    PIL decodes at the same scale, within 3 levels on average where only libjpeg-turbo's
+    finer scale (3/8) applies (the full-resolution reference then)."""
+    loader = _photo_loader(photos, prefetch=0, num_threads=0)
+    ds = tfds.data_source("photo_set", split="train", data_dir=photos[0], download=False)
+    seen = set()
+    for k in range(2):
+        batch = next(loader)
+        for j, index in enumerate(loader.record_indices(k)):
+            rec = ds[index]
+            kind = rec["key"].decode().split("/")[0]
+            seen.add(kind)
+            want = _reference_crop(rec["image"], kind, 7, k * 8 + j)
+            if kind.startswith("fine"):
+                err = np.abs(batch["image"][j].astype(float) - want).mean()
+                assert err < 3, (kind, err)
+            else:
+                chex.assert_trees_all_equal(batch["image"][j], want, custom_message=kind)
+    assert seen == set(PHOTO_KINDS)
+
+
+def test_jpeg_batches_equal_over_threads_processes_and_resume(photos):
+    ref = _take(_photo_loader(photos, prefetch=0, num_threads=0), 4)  # 3 batches per epoch
+    chex.assert_trees_all_equal(_take(_photo_loader(photos, num_threads=2), 4), ref)
+    workers = _photo_loader(photos, num_workers=2)
+    got = _take(workers, 2)
+    state = workers.get_state()
+    workers.close()
+    chex.assert_trees_all_equal(got, ref[:2])
+    resumed = _photo_loader(photos, num_threads=3)
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(_take(resumed, 2), ref[2:])
+
+
+def test_random_square_crop_of_other_formats_and_bad_bytes():
+    # A PNG: decoded whole, the same three draws as rng.uniform, one bicubic resize.
+    arr = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
+    rng = np.random.default_rng(5)
+    side = 50 * math.sqrt(rng.uniform(0.5, 1.0))
+    x0, y0 = rng.uniform(0.0, 70 - side), rng.uniform(0.0, 50 - side)
+    want = Image.fromarray(arr).resize(
+        (16, 16), Image.Resampling.BICUBIC, box=(x0, y0, x0 + side, y0 + side)
+    )
+    got = images.random_square_crop(
+        _png(Image.fromarray(arr)), 16, np.random.default_rng(5), (0.5, 1)
+    )
+    chex.assert_trees_all_equal(got, np.asarray(want))
+    # A large PNG is reduced by an integer factor first; the result stays close to the fair resize.
+    big = np.asarray(_photo(np.random.default_rng(1), 400, 400))
+    rng = np.random.default_rng(2)
+    side = 400 * math.sqrt(rng.uniform(*CROP))
+    x0, y0 = rng.uniform(0.0, 400 - side), rng.uniform(0.0, 400 - side)
+    fair = Image.fromarray(big).resize(
+        (48, 48), Image.Resampling.BICUBIC, box=(x0, y0, x0 + side, y0 + side)
+    )
+    got = images.random_square_crop(_png(Image.fromarray(big)), 48, np.random.default_rng(2), CROP)
+    assert np.abs(got.astype(float) - np.asarray(fair)).mean() < 2
+    jpeg = _jpeg(_photo(np.random.default_rng(3), 60, 40))
+    for data, reason in (
+        (b"", "empty"),
+        (jpeg[: len(jpeg) // 2], "truncated"),
+        (b"junk", "corrupt"),
+    ):
+        with pytest.raises(images.BadImage, match=reason):
+            images.random_square_crop(data, 16, np.random.default_rng(0))

@@ -3,45 +3,21 @@
 only its half of every global batch, and the step all-reduces across processes."""
 
 import os
-import subprocess
-import sys
 
 import chex
-from test_train import DEMO, read_metrics, smoke
+from test_train import DEMO, smoke
+from two_processes import CHECKPOINT_EVERY, TOTAL_STEPS, losses
 
 from clip_jax import train as train_lib
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 
-
-def test_two_processes_train_like_one(demo_data_dir, tmp_path):
-    overrides = {"total_steps": 4, "checkpoint.every_steps": 2}
+def test_two_processes_train_like_one(demo_data_dir, two_process_run, tmp_path):
     one = str(tmp_path / "one_process")
+    overrides = {"total_steps": TOTAL_STEPS, "checkpoint.every_steps": CHECKPOINT_EVERY}
     train_lib.train(smoke(DEMO, demo_data_dir, **overrides), one)
 
-    two = str(tmp_path / "two_processes")
-    run = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "launch", "local.py"),
-            "--processes=2",
-            "--devices_per_process=4",
-            "--",
-            f"--config={DEMO}:smoke",
-            f"--workdir={two}",
-            f"--config.data.data_dir={demo_data_dir}",
-            "--config.total_steps=4",
-            "--config.checkpoint.every_steps=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-    want, got = read_metrics(one), read_metrics(two)
-    assert sorted(got) == [1, 2, 3, 4]
-    chex.assert_trees_all_close(
-        {s: got[s]["loss"] for s in got}, {s: want[s]["loss"] for s in got}, rtol=1e-5, atol=1e-6
-    )
-    assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
+    want, got = losses(one), losses(two_process_run)
+    assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    names = os.listdir(os.path.join(two_process_run, "checkpoints"))
+    assert sorted(int(n) for n in names) == [8, 12, 16]  # every 4 steps, the last 3 kept

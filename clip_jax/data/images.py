@@ -1,20 +1,33 @@
-"""Image decoding (PIL only, never TensorFlow) and the CLIP crops, shared by import and loader.
+"""Image decoding (PIL and libjpeg-turbo, never TensorFlow) and the CLIP crops.
 
 `decode_rgb(bytes)` returns a fully loaded 8-bit RGB `PIL.Image` for every input PIL reads:
 grayscale, 1-bit, palette (with or without transparency), alpha (composited over white),
 CMYK and YCbCr JPEGs, 16-bit grayscale (scaled by 1/257, not clipped), 32-bit integer and
 float images, and EXIF-rotated photos (turned upright). Anything PIL cannot decode, or a
 file that ends early, raises `BadImage` whose message is the skip reason.
+
+`random_square_crop(bytes, size, rng)` is the training transform. It draws the crop box in
+the upright image's coordinates from the header alone, then decodes a JPEG in the DCT
+domain at the smallest scale M/8 that keeps the crop at least `size` pixels wide
+(libjpeg-turbo through simplejpeg; 8/8 where 7/8 would do, its inverse DCT being slower),
+cuts the box from that reduced image and resizes it bicubically in one pass (PIL reads
+only the box). EXIF-rotated, CMYK and damaged JPEGs go through PIL (draft decoding at 1/2,
+1/4 or 1/8); other formats are decoded whole and reduced by an integer factor before the
+bicubic resize when the ratio is 4 or more. The box is the same whichever way the bytes
+are decoded, and where the decoded scale is the same so are the pixels: a JPEG whose crop
+needs every pixel (a 256-px image cropped to 224) gives what PIL alone gave before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+import simplejpeg
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "BadImage",
@@ -27,6 +40,11 @@ __all__ = [
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
 _RESAMPLE = Image.Resampling.BICUBIC
+# Train crops shrink by an integer factor (a box filter) before the bicubic resize when the
+# ratio is at least twice this (Pillow's thumbnail() default); JPEGs shrink in the DCT.
+_REDUCING_GAP = 2.0
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_PLAIN_COLORSPACES = ("YCbCr", "Gray", "RGB")  # libjpeg-turbo gives RGB; CMYK goes to PIL
 
 
 class BadImage(ValueError):
@@ -71,28 +89,15 @@ def image_format(data: bytes) -> str | None:
         return None
 
 
-def decode_rgb(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decodes encoded image bytes to a loaded RGB image.
-
-    min_size: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL draft)
-    as long as the shorter side stays >= min_size; a large speed-up for photos that are
-    cropped and resized to a small model input anyway. None: full resolution.
-    """
-    if not data:
-        raise BadImage("empty image file")
+@contextlib.contextmanager
+def _bad_image():
+    """Turns PIL's many decoding errors into BadImage with a short reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            if min_size and img.format == "JPEG":
-                img.draft("RGB", (int(min_size), int(min_size)))
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:
-                pass  # a broken EXIF block does not make the pixels bad
-            img = _to_rgb(img)
-            img.load()
+            yield
+    except BadImage:
+        raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"image too large: {e}") from None
     except (
@@ -112,32 +117,167 @@ def decode_rgb(data: bytes, min_size: int | None = None) -> Image.Image:
         else:
             msg = "corrupt image: " + msg
         raise BadImage(msg) from None
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image with its header read and no pixels decoded (call inside `_bad_image`)."""
+    if not data:
+        raise BadImage("empty image file")
+    return Image.open(io.BytesIO(data))
+
+
+def _load_rgb(img: Image.Image) -> Image.Image:
+    """Decodes, turns upright by EXIF and converts to RGB (call inside `_bad_image`)."""
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:
+        pass  # a broken EXIF block does not make the pixels bad
+    img = _to_rgb(img)
+    img.load()
     if img.width < 1 or img.height < 1:
         raise BadImage("image has zero size")
     return img
 
 
-def _resize_box(img: Image.Image, box, size: int) -> np.ndarray:
-    out = img.resize((size, size), _RESAMPLE, box=box)
+def decode_rgb(data: bytes, min_size: int | None = None) -> Image.Image:
+    """Decodes encoded image bytes to a loaded RGB image.
+
+    min_size: JPEGs may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL draft)
+    as long as the shorter side stays >= min_size; a large speed-up for photos that are
+    cropped and resized to a small model input anyway. None: full resolution.
+    """
+    with _bad_image():
+        img = _open(data)
+        if min_size and img.format == "JPEG":
+            img.draft("RGB", (int(min_size), int(min_size)))
+        return _load_rgb(img)
+
+
+def _resize_box(img: Image.Image, box, size: int, reducing_gap: float | None = None) -> np.ndarray:
+    out = img.resize((size, size), _RESAMPLE, box=box, reducing_gap=reducing_gap)
     return np.asarray(out, dtype=np.uint8)
 
 
+def _square_box(width: int, height: int, draws, scale) -> tuple[float, float, float, float]:
+    """The crop of `random_square_crop` from its three uniform draws in [0, 1)."""
+    lo, hi = scale
+    # lo + (hi - lo) * d is numpy's Generator.uniform(lo, hi) of the same draw.
+    side = min(width, height) * math.sqrt(lo + (hi - lo) * draws[0])
+    x0 = (width - side) * draws[1]
+    y0 = (height - side) * draws[2]
+    return x0, y0, x0 + side, y0 + side
+
+
+def _scaled(box, factor: float) -> tuple[float, ...]:
+    return tuple(v * factor for v in box)
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:
+        return 1  # a broken EXIF block: exif_transpose leaves such an image as it is
+
+
+def _has_app1(data: bytes) -> bool:
+    """Whether the segments before a JPEG's image data include APP1, where EXIF and XMP
+    keep the orientation; a layout this walk does not follow counts as yes."""
+    pos = 2  # after the start-of-image marker
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xE1:
+            return True
+        elif 0xE0 <= marker <= 0xEF or marker == 0xFE:  # other APPn, comment
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        else:
+            return False  # tables, frame header: the metadata segments are behind us
+    return True
+
+
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG libjpeg-turbo turns into upright RGB as it is; None for
+    anything else (other formats, CMYK, a rotating EXIF orientation, an unreadable header)."""
+    if not simplejpeg.is_jpeg(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in _PLAIN_COLORSPACES:
+        return None
+    if _has_app1(data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if _orientation(Image.open(io.BytesIO(data))) != 1:
+                    return None
+            except Exception:
+                return None
+    return width, height
+
+
+def _crop_dct_scaled(data: bytes, width: int, height: int, box, size: int) -> np.ndarray | None:
+    """The box of a plain JPEG decoded at the smallest M/8 that does not upsample it; None
+    when strict libjpeg-turbo refuses the file (PIL then decodes it or names the defect)."""
+    eighths = min(8, max(1, math.ceil(8 * size / (box[2] - box[0]))))
+    if eighths == 7:  # libjpeg-turbo's 7x7 inverse DCT has no SIMD: slower than 8/8 here
+        eighths = 8
+    factor = eighths / 8
+    shape = (math.ceil(height * factor), math.ceil(width * factor))
+    try:
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=shape[0], min_width=shape[1])
+    except ValueError:
+        return None
+    if pixels.shape[:2] != shape:  # not the scale asked for: let PIL decode it instead
+        return None
+    return _resize_box(Image.fromarray(pixels), _scaled(box, factor), size)
+
+
+def _crop_pil(data: bytes, draws, scale, size: int) -> np.ndarray:
+    """`random_square_crop` through PIL: JPEGs draft-decoded at 1, 1/2, 1/4 or 1/8."""
+    with _bad_image():
+        img = _open(data)
+        if img.format != "JPEG":  # no DCT: decode whole, reduce by an integer factor if large
+            img = _load_rgb(img)
+            box, reduce, gap = _square_box(img.width, img.height, draws, scale), 1, _REDUCING_GAP
+        else:
+            width, height = img.size
+            if _orientation(img) in _TRANSPOSED:
+                width, height = height, width
+            box, reduce, gap = _square_box(width, height, draws, scale), 8, None
+            while reduce > 1 and (box[2] - box[0]) / reduce < size:
+                reduce //= 2
+            if reduce > 1 and img.draft("RGB", (img.width // reduce, img.height // reduce)) is None:
+                reduce = 1  # a JPEG PIL cannot draft (several tiles)
+            # A reduced EXIF-rotated image is turned as a whole: its crop may shift by less
+            # than one reduced pixel where the size is not a multiple of `reduce`.
+            img = _load_rgb(img)
+    return _resize_box(img, _scaled(box, 1 / reduce), size, gap)
+
+
 def random_square_crop(
-    img: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.9, 1.0)
+    data: bytes, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.9, 1.0)
 ) -> np.ndarray:
-    """CLIP training augmentation: a random square crop, resized to size x size (bicubic).
+    """CLIP training augmentation of encoded image bytes: a random square crop, resized to
+    size x size (bicubic, never upsampled by the decoder). Returns uint8 [size, size, 3].
 
     The crop's area is a fraction u ~ U(scale) of the largest square that fits (side =
-    shorter side * sqrt(u)), placed uniformly at random. Returns uint8 [size, size, 3].
-    Deterministic given the rng state (three draws).
+    shorter side * sqrt(u)), placed uniformly at random in the upright image. Deterministic
+    given the rng state: three draws, the same as `rng.uniform(lo, hi)`, `rng.uniform(0,
+    width - side)`, `rng.uniform(0, height - side)`. Raises BadImage like `decode_rgb`.
     """
-    lo, hi = scale
-    w, h = img.size
-    u = rng.uniform(lo, hi)
-    side = min(w, h) * math.sqrt(u)
-    x0 = rng.uniform(0.0, w - side)
-    y0 = rng.uniform(0.0, h - side)
-    return _resize_box(img, (x0, y0, x0 + side, y0 + side), size)
+    draws = rng.random(3).tolist()
+    plain = _plain_jpeg_size(data)
+    if plain is not None:
+        crop = _crop_dct_scaled(data, *plain, _square_box(*plain, draws, scale), size)
+        if crop is not None:
+            return crop
+    return _crop_pil(data, draws, scale, size)
 
 
 def center_crop(img: Image.Image, size: int) -> np.ndarray:
@@ -147,9 +287,3 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
     side = min(w, h)
     x0, y0 = (w - side) / 2.0, (h - side) / 2.0
     return _resize_box(img, (x0, y0, x0 + side, y0 + side), size)
-
-
-def draft_size(size: int, scale: tuple[float, float] | None = None) -> int:
-    """Shorter side a JPEG may be draft-decoded to without upsampling the crop."""
-    smallest = scale[0] if scale else 1.0
-    return int(math.ceil(size / math.sqrt(max(smallest, 1e-6))))

@@ -7,8 +7,8 @@
 from __future__ import annotations
 
 import json
-import os
 
+from clip_jax import storage
 from clip_jax.data.prepare import not_prepared_error, prepared_dir
 from clip_jax.data.source import Source, record_captions
 
@@ -20,24 +20,21 @@ def dataset_info(name: str, data_dir: str | None = None) -> dict:
     path = prepared_dir(name, data_dir)
     if path is None:
         raise not_prepared_error(name, data_dir)
-    with open(os.path.join(path, "dataset_info.json")) as f:
-        info = json.load(f)
+    info = json.loads(storage.read_text(storage.join(path, "dataset_info.json")))
     num = {s["name"]: sum(int(x) for x in s.get("shardLengths", [])) for s in info["splits"]}
-    with open(os.path.join(path, "features.json")) as f:
-        feats = json.load(f)
+    feats = json.loads(storage.read_text(storage.join(path, "features.json")))
     feature_names = list(feats["featuresDict"]["features"].keys())
     label_names = {}
     for fname, spec in feats["featuresDict"]["features"].items():
         if "classLabel" in spec:
-            txt = os.path.join(path, f"{fname}.labels.txt")
-            if os.path.isfile(txt):
-                with open(txt) as f:
-                    label_names[fname] = [line.rstrip("\n") for line in f if line.strip()]
+            txt = storage.join(path, f"{fname}.labels.txt")
+            if storage.path(txt).is_file():
+                lines = storage.read_text(txt).splitlines()
+                label_names[fname] = [line for line in lines if line.strip()]
     metadata = {}
-    meta_path = os.path.join(path, "metadata.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            metadata = json.load(f)
+    meta_path = storage.join(path, "metadata.json")
+    if storage.path(meta_path).is_file():
+        metadata = json.loads(storage.read_text(meta_path))
     return {
         "name": name,
         "path": path,

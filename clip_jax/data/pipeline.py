@@ -1,4 +1,4 @@
-"""Input pipeline: grain over `tfds.data_source`; decode (PIL), augment, tokenize, batch.
+"""Input pipeline: grain over `tfds.data_source`; decode and crop (`images`), tokenize, batch.
 
 Sampling (training). Global position p = 0, 1, 2, ... walks the concatenated epochs; each
 epoch is a fresh permutation of the split (grain's index shuffle, seeded with seed+epoch).
@@ -99,14 +99,13 @@ class _TrainBatch:
         positions = self.positions(k)
         records = self.source.get([self.order[p] for p in positions])
         n = len(self.source)
-        draft = images_lib.draft_size(size, self.crop_scale)
         out = np.empty((len(positions), size, size, 3), np.uint8)
         texts, replaced = [], 0
         for j, (p, rec) in enumerate(zip(positions, records)):
             rng = np.random.default_rng([self.seed, p])
             for _ in range(MAX_REPLACEMENTS):
                 try:
-                    img = images_lib.decode_rgb(rec["image"], min_size=draft)
+                    out[j] = images_lib.random_square_crop(rec["image"], size, rng, self.crop_scale)
                     break
                 except images_lib.BadImage:
                     replaced += 1
@@ -116,7 +115,6 @@ class _TrainBatch:
                     f"{MAX_REPLACEMENTS} corrupt images in a row in "
                     f"{self.source.name}/{self.source.split}; is the dataset broken?"
                 )
-            out[j] = images_lib.random_square_crop(img, size, rng, self.crop_scale)
             caps = record_captions(rec)
             texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
         return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
@@ -358,8 +356,10 @@ def train_loader(
     """Training batches for this host (see the module docstring for the sampling rules).
 
     tokenizer: a `Tokenizer` (anything with its `encode`). num_workers: grain worker
-    processes (0: decode in this process, in `num_threads` background threads when
-    prefetch > 0). shard_index/shard_count default to jax.process_index()/process_count().
+    processes (0: decode in this process). num_threads: threads building batches in each
+    process (0, or prefetch 0 without workers: in the caller's thread); the decoders release
+    the GIL, so threads scale without pickling batches between processes.
+    shard_index/shard_count default to jax.process_index()/process_count().
     Raises DatasetNotPreparedError (with the command to run) if the split is missing.
     """
     if tokenizer is None:

@@ -21,6 +21,7 @@ are skipped and counted by reason. Prints progress while writing and a summary a
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from clip_jax import cli
+from clip_jax import cli, storage
 from clip_jax.data import paths
 from clip_jax.data.builders import sources
 from clip_jax.data.errors import DataError, DatasetNotPreparedError
@@ -42,21 +43,23 @@ _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def prepared_dir(name: str, data_dir: str | None) -> str | None:
     """The newest prepared version folder of `name`, or None."""
-    root = os.path.join(paths.resolve_data_dir(data_dir), name)
-    if not os.path.isdir(root):
-        return None
+    d = paths.resolve_data_dir(data_dir)
+    root = storage.path(d) / name
     versions = []
-    for v in os.listdir(root):
-        parts = v.split(".")
-        if (
-            len(parts) == 3
-            and all(p.isdigit() for p in parts)
-            and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
-        ):
-            versions.append(tuple(int(p) for p in parts))
+    with storage.access(d, "list"):
+        if not root.is_dir():
+            return None
+        for v in root.iterdir():
+            parts = v.name.split(".")
+            if (
+                len(parts) == 3
+                and all(p.isdigit() for p in parts)
+                and (v / "dataset_info.json").is_file()
+            ):
+                versions.append(tuple(int(p) for p in parts))
     if not versions:
         return None
-    return os.path.join(root, ".".join(map(str, max(versions))))
+    return storage.join(d, name, ".".join(map(str, max(versions))))
 
 
 def prepare_command(name: str, data_dir: str | None) -> str:
@@ -115,12 +118,16 @@ def ensure_prepared(
 
 def split_names(path: str) -> list[str]:
     """The splits written in the version folder `path`."""
-    with open(os.path.join(path, "dataset_info.json")) as f:
-        return [s["name"] for s in json.load(f).get("splits", [])]
+    info = json.loads(storage.read_text(storage.join(path, "dataset_info.json")))
+    return [s["name"] for s in info.get("splits", [])]
 
 
 def check_data_dir(data_dir: str) -> None:
     """A DataError (one line, with the fix) unless `data_dir` is, or can be, a writable folder."""
+    if storage.is_remote(data_dir):
+        storage.check_writable_dir(data_dir, "--data_dir")
+        storage.require(data_dir, "datasets", "--data_dir")
+        return
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir} is a file; pass a folder for the datasets")
     try:
@@ -136,7 +143,8 @@ def check_data_dir(data_dir: str) -> None:
         )
 
 
-def _download_config(overwrite: bool):
+def _download_config(overwrite: bool, beam: dict | None = None):
+    """beam: `beam_runner` and `beam_options` (image_text_beam.pipeline_options)."""
     import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy, only needed to write a dataset)
 
     mode = (
@@ -144,7 +152,7 @@ def _download_config(overwrite: bool):
         if overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
-    return tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False)
+    return tfds.download.DownloadConfig(download_mode=mode, try_download_gcs=False, **(beam or {}))
 
 
 def _split_summary(builder) -> dict:
@@ -215,6 +223,21 @@ def prepare_demo(
     if image_size < 1:
         raise DataError(f"--image_size must be a positive number of pixels, got {image_size}")
     d = paths.resolve_data_dir(data_dir)
+    if storage.is_remote(d):
+        return build_then_upload(
+            DEMO_NAME,
+            d,
+            lambda local: prepare_demo(
+                local,
+                seed=seed,
+                image_size=image_size,
+                num_train=num_train,
+                num_validation=num_validation,
+                num_test=num_test,
+                verbose=verbose,
+            ),
+            overwrite=overwrite,
+        )
     check_data_dir(d)
     builder = clip_demo.ClipDemo(
         data_dir=d,
@@ -251,6 +274,8 @@ def prepare_image_text(
     encoding: str = "utf-8",
     allow_outside_paths: bool = False,
     num_threads: int = 4,
+    beam_runner: str | None = None,
+    beam_options: str = "",
     overwrite: bool = False,
     verbose: bool = True,
 ) -> dict:
@@ -260,6 +285,9 @@ def prepare_image_text(
 
     split: write every example to this split (no validation hold-out); a prepared dataset
     keeps its other splits and gets this one added (replaced with `overwrite`).
+    beam_runner: import on Apache Beam (DirectRunner: local processes; DataflowRunner,
+    SparkRunner, FlinkRunner...) with `beam_options` (command-line flags of that runner);
+    the same dataset and summary as the single-process import.
     Raises DataError (one line) for a missing/empty/unreadable source or a missing field.
     """
     from clip_jax.data.builders import image_text  # noqa: PLC0415 (imports tensorflow_datasets)
@@ -271,6 +299,14 @@ def prepare_image_text(
         raise DataError(f"max_size must be a positive number of pixels, got {max_size}")
     if split is not None and not _SPLIT_RE.match(split):
         raise DataError(f"invalid --split {split!r} (expected lower_snake_case, e.g. 'test')")
+    make_builder, beam = image_text.make_builder, None
+    if beam_runner:
+        from clip_jax.data.builders import image_text_beam  # noqa: PLC0415 (optional extra)
+
+        make_builder = image_text_beam.make_builder
+        beam = image_text_beam.pipeline_options(beam_runner, beam_options)
+    elif beam_options:
+        raise DataError("--beam_options needs --beam_runner (e.g. --beam_runner=DirectRunner)")
     read = sources.ReadOptions(
         image_field=image_field,
         caption_field=caption_field,
@@ -318,7 +354,7 @@ def prepare_image_text(
         shutil.rmtree(existing)
     # A split added to a prepared dataset is written on its own, then moved in.
     build_dir = tempfile.mkdtemp(prefix=f".{name}-{split}-", dir=d) if adding else d
-    builder = image_text.make_builder(name, build_dir, config)
+    builder = make_builder(name, build_dir, config)
     if verbose:
         into = f"split {split!r} of " if split else ""
         print(
@@ -326,7 +362,7 @@ def prepare_image_text(
             flush=True,
         )
     try:
-        builder.download_and_prepare(download_config=_download_config(overwrite))
+        builder.download_and_prepare(download_config=_download_config(overwrite, beam))
         if adding:
             built = os.path.join(build_dir, name, image_text.VERSION)
             image_text.merge_split(existing, built, name, split)
@@ -353,7 +389,7 @@ def prepare_image_text(
         "class_names": class_names,
         "image_bytes": dict(stats.image_bytes),
         "skipped": skipped,
-        "skipped_examples": {k: v for k, v in stats.examples.items()},
+        "skipped_examples": stats.skipped_examples(),
         "reencoded": stats.reencoded,
         "notes": list(stats.notes) + _notes(skipped, read),
         "seconds": time.time() - t0,
@@ -361,8 +397,7 @@ def prepare_image_text(
     if empty:
         summary["skipped_examples"]["empty source file"] = empty[:5]
     summary_file = f"import_summary_{split}.json" if adding else SUMMARY_FILE
-    with open(os.path.join(path, summary_file), "w") as f:
-        json.dump(summary, f, indent=1)
+    storage.write_text(storage.join(path, summary_file), json.dumps(summary, indent=1))
     if verbose:
         print(format_summary(summary), flush=True)
     return summary
@@ -416,11 +451,64 @@ def _notes(skipped: dict, read: sources.ReadOptions) -> list[str]:
     return []
 
 
+def build_then_upload(name: str, data_dir: str, build, overwrite: bool = False) -> dict:
+    """`build(local_dir)` into a local folder, then the dataset's version folder is uploaded
+    to the bucket `data_dir`, dataset_info.json last: the ArrayRecord writer writes local
+    files only, and `prepared_dir` lists a version only once its dataset_info.json is there,
+    so a failed upload never looks like a prepared dataset."""
+    check_data_dir(data_dir)
+    existing = prepared_dir(name, data_dir)
+    if existing and not overwrite:
+        return {"name": name, "path": existing, "note": "already prepared"}
+    local = tempfile.mkdtemp(prefix="clip_jax_prepare_")
+    try:
+        summary = build(local)
+        built = prepared_dir(name, local)
+        version = os.path.basename(built)
+        remote = storage.join(data_dir, name, version)
+        if existing:
+            storage.path(existing).rmtree()
+        summary["path"] = remote
+        for summary_file in glob.glob(os.path.join(built, "import_summary*.json")):
+            with open(summary_file, "w") as f:
+                json.dump(summary, f, indent=1)
+        info = os.path.join(local, "dataset_info.json")  # held back, uploaded last
+        os.replace(os.path.join(built, "dataset_info.json"), info)
+        storage.upload_tree(built, remote)
+        with open(info) as f:
+            storage.write_text(storage.join(remote, "dataset_info.json"), f.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return summary
+
+
 def prepare(name: str, data_dir: str | None = None, source=None, **kwargs) -> dict:
     """clip_demo when name == 'clip_demo' (no source), else an image-text import."""
+    d = paths.resolve_data_dir(data_dir)
+    if storage.is_remote(d) and name != DEMO_NAME:
+        if kwargs.get("split") and prepared_dir(name, d):
+            raise DataError(
+                f"--split={kwargs['split']}: adding a split to a dataset in a bucket ({d}) is "
+                "not supported; prepare the dataset in a local folder, then copy it"
+            )
+        runner = kwargs.get("beam_runner")
+        if runner and runner not in ("DirectRunner", "direct"):
+            raise DataError(
+                f"--beam_runner={runner} cannot write --data_dir={d}: ArrayRecord writes local "
+                "files only; pass a --data_dir that every worker mounts (NFS, gcsfuse), or use "
+                "DirectRunner (it builds locally, then uploads)"
+            )
+        return build_then_upload(
+            name,
+            d,
+            lambda local: prepare(name, local, source, **kwargs),
+            overwrite=kwargs.get("overwrite", False),
+        )
     if name == DEMO_NAME:
         if source:
             raise DataError(f"{DEMO_NAME} is generated, it takes no --source")
+        if kwargs.pop("beam_runner", None):
+            raise DataError(f"{DEMO_NAME} is generated in one process; drop --beam_runner")
         return prepare_demo(data_dir, **kwargs)
     if not source:
         raise DataError(
@@ -470,6 +558,18 @@ def main(argv=None) -> int:
         help="read JSONL/CSV image paths that are absolute or climb out of the file's folder",
     )
     p.add_argument("--num_threads", type=int, default=4, help="image check threads")
+    p.add_argument(
+        "--beam_runner",
+        default=None,
+        help="import on Apache Beam: DirectRunner (local processes), DataflowRunner, "
+        "SparkRunner, FlinkRunner... (pip install 'clip_jax[beam]')",
+    )
+    p.add_argument(
+        "--beam_options",
+        default="",
+        help="the runner's pipeline flags, quoted as one string, e.g. "
+        "'--direct_num_workers=8' or '--project=P --region=R --temp_location=gs://B/tmp'",
+    )
     p.add_argument("--overwrite", action="store_true")
     demo = p.add_argument_group("clip_demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -492,6 +592,7 @@ def main(argv=None) -> int:
                     num_validation=args.num_validation,
                     num_test=args.num_test,
                     overwrite=args.overwrite,
+                    beam_runner=args.beam_runner,
                 )
             else:
                 prepare(
@@ -508,6 +609,8 @@ def main(argv=None) -> int:
                     encoding=args.encoding,
                     allow_outside_paths=args.allow_outside_paths,
                     num_threads=args.num_threads,
+                    beam_runner=args.beam_runner,
+                    beam_options=args.beam_options,
                     overwrite=args.overwrite,
                 )
         except DataError:

@@ -25,15 +25,17 @@ import html
 import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
-from clip_jax import cli
+from clip_jax import cli, storage
 from clip_jax.data import paths, truncation
 from clip_jax.data.bpe import ClipBPETokenizer
 from clip_jax.data.errors import DataError
@@ -103,18 +105,16 @@ class Tokenizer:
         clean: str | None = None,
     ):
         model_path = os.fspath(model_path)
-        if not os.path.isfile(model_path):
-            raise DataError(
-                f"tokenizer model not found: {model_path} (expected a sentencepiece "
-                ".model file; train one with `python -m clip_jax.data.tokenizer`)"
-            )
-        with open(model_path, "rb") as f:
-            proto = f.read()
-        settings = {}
-        sidecar = _sidecar_path(model_path)
-        if os.path.isfile(sidecar):
-            with open(sidecar) as f:
-                settings = json.load(f)
+        model = storage.path(model_path)
+        with storage.access(model_path, "read"):
+            if not model.is_file():
+                raise DataError(
+                    f"tokenizer model not found: {model_path} (expected a sentencepiece "
+                    ".model file; train one with `python -m clip_jax.data.tokenizer`)"
+                )
+            proto = model.read_bytes()
+            sidecar = storage.path(_sidecar_path(model_path))
+            settings = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         if lowercase is None:
             lowercase = bool(settings.get("lowercase", True))
         if clean is None:
@@ -338,9 +338,28 @@ def demo_tokenizer_path(data_dir: str | None = None) -> str:
     from every caption the demo can produce, cached in `data_dir/clip_demo/tokenizer/`."""
     from clip_jax.data.builders import clip_demo  # noqa: PLC0415 (imports tensorflow_datasets)
 
-    folder = os.path.join(paths.resolve_data_dir(data_dir), clip_demo.NAME, "tokenizer")
-    stem = os.path.join(folder, f"clip_demo_v{clip_demo.VERSION}_bpe{DEMO_VOCAB_SIZE}")
-    path = stem + ".model"
+    d = paths.resolve_data_dir(data_dir)
+    folder = storage.join(d, clip_demo.NAME, "tokenizer")
+    name = f"clip_demo_v{clip_demo.VERSION}_bpe{DEMO_VOCAB_SIZE}"
+    path = storage.join(folder, name + ".model")
+    if storage.is_remote(d):
+        with storage.access(path, "read"):
+            if storage.path(path).is_file():
+                return path
+        # Trained locally, then uploaded (.model last: its presence means complete).
+        local = tempfile.mkdtemp(prefix="clip_jax_tokenizer_")
+        try:
+            demo_tokenizer_path(local)
+            built = os.path.join(local, clip_demo.NAME, "tokenizer")
+            for ext in (".vocab", ".json", ".model"):
+                with open(os.path.join(built, name + ext), "rb") as f:
+                    data = f.read()
+                with storage.access(folder, "write"):
+                    (storage.path(folder) / (name + ext)).write_bytes(data)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return path
+    stem = os.path.join(folder, name)
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
         # Several hosts may train it at once (same bytes): unique temp names, atomic renames.

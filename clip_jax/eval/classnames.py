@@ -20,11 +20,11 @@ whose ClassLabel has 200 names (labels already 0..199 in subset order) gets no m
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.eval.templates import base_dataset_name
 
 # Data tables: several names per line, as published.
@@ -285,12 +285,11 @@ class ClassNames:
 
 def read_names_file(path: str) -> list[str]:
     """One class name per line; blank lines are skipped, surrounding whitespace stripped."""
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise ValueError(
             f"class names file {path!r} does not exist; expected a text file with one name per line"
         )
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
     if not names:
         raise ValueError(f"class names file {path!r} holds no names; expected one name per line")
     return names

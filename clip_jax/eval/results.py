@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from clip_jax import storage
+
 
 def write_results(workdir: str, step: int, task: str, result: dict) -> str:
     """Writes ``workdir/eval/STEP/TASK.json`` (process 0 only); returns the path."""
-    path = os.path.join(workdir, "eval", str(int(step)), f"{task}.json")
+    path = storage.join(workdir, "eval", str(int(step)), f"{task}.json")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(
-                {"step": int(step), **result}, f, indent=2, sort_keys=True, default=_json_default
-            )
-        os.replace(tmp, path)  # a reader never sees a half-written file
+        text = json.dumps(
+            {"step": int(step), **result}, indent=2, sort_keys=True, default=_json_default
+        )
+        storage.write_text(path, text)  # whole: a reader never sees a half-written file
     return path
 
 

@@ -11,8 +11,9 @@ skipped), or a sequence of template strings. Every template is validated.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+
+from clip_jax import storage
 
 PLACEHOLDER = "{}"
 
@@ -338,9 +339,8 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
         if key in TEMPLATE_SETS:
             templates = list(TEMPLATE_SETS[key])
             source = f"set {key!r}"
-        elif os.path.isfile(key):
-            with open(key, encoding="utf-8") as f:
-                lines = [line.rstrip("\n").rstrip("\r") for line in f]
+        elif storage.path(key).is_file():
+            lines = storage.read_text(key).splitlines()
             templates = []
             for lineno, line in enumerate(lines, 1):
                 if not line.strip() or line.lstrip().startswith("#"):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from clip_jax.models.layers import (
     ACTIVATIONS,
+    ATTENTION_IMPLS,
     REMAT_POLICIES,
     check_images,
     dtype_name,
@@ -165,6 +166,8 @@ class CLIPConfig:
     """Whole model. ``dtype``: computation dtype; ``param_dtype``: storage dtype (strings
     'float32' / 'bfloat16' / 'float16'; jnp dtypes are accepted and stored as strings).
     ``remat_policy``: 'none' | 'full' | 'dots' | 'dots_no_batch', applied per residual block.
+    ``attention``: 'auto' | 'xla' | 'cudnn', how every attention core is computed
+    (``layers.attention``).
     ``logit_scale_init`` is the scale itself (log is taken); ``logit_bias_init=None`` means the
     model has no logit bias (softmax loss); set e.g. -10 for the sigmoid loss."""
 
@@ -175,6 +178,7 @@ class CLIPConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = "auto"
     logit_scale_init: float = 1 / 0.07
     logit_bias_init: float | None = None
 
@@ -192,6 +196,10 @@ class CLIPConfig:
             raise ValueError(
                 f"remat_policy {self.remat_policy!r} is unknown; allowed: {sorted(REMAT_POLICIES)}"
             )
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention {self.attention!r} is unknown; allowed: {list(ATTENTION_IMPLS)}"
+            )
         s = self.logit_scale_init
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not (0 < s < math.inf):
             raise ValueError(f"logit_scale_init must be a finite number > 0; got {s!r}")
@@ -204,6 +212,14 @@ class CLIPConfig:
 
     def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)
+
+
+def attention_head_dims(config: CLIPConfig) -> tuple[int, int]:
+    """The head dim of the image tower's attention (a ViT's blocks, a ResNet's attention
+    pool over 32 x width channels) and of the text tower's."""
+    v, t = config.vision, config.text
+    pool_width = v.width if v.kind == "vit" else 32 * v.width
+    return pool_width // v.heads, t.width // t.heads
 
 
 # ---------------------------------------------------------------- the model
@@ -250,6 +266,7 @@ class CLIP(nn.Module):
                 remat_policy=c.remat_policy,
                 dtype=dt,
                 param_dtype=pdt,
+                attention=c.attention,
             )
         else:
             self.visual = ModifiedResNet(
@@ -261,6 +278,7 @@ class CLIP(nn.Module):
                 remat_policy=c.remat_policy,
                 dtype=dt,
                 param_dtype=pdt,
+                attention=c.attention,
             )
         self.text = TextTransformer(
             vocab_size=t.vocab_size,
@@ -274,6 +292,7 @@ class CLIP(nn.Module):
             remat_policy=c.remat_policy,
             dtype=dt,
             param_dtype=pdt,
+            attention=c.attention,
         )
         self.log_scale = param(
             self, "log_scale", nn.initializers.constant(math.log(c.logit_scale_init)), (), (), pdt

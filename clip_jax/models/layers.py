@@ -91,7 +91,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 def _dots_outside_attention_core(prim, *args, **params) -> bool:
     """Every matmul and convolution output except batched matmuls (the attention core's).
 
-    A block's policy also governs the nested `_attention` checkpoint: plain
+    A block's policy also governs the nested `_xla_attention` checkpoint: plain
     `checkpoint_dots` there saved the float32 [B, H, L, L] scores, and ViT-L/14 (bf16) kept
     235 MiB per example, more than without remat (215); this keeps 121.
     """
@@ -290,11 +290,60 @@ class Conv(nn.Module):
         )
 
 
+# How the attention core is computed: 'auto' is cuDNN's fused kernel where it applies (see
+# cudnn_attention_problem), XLA elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = ("bfloat16", "float16")
+_CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; 128 holds on every GPU cuDNN's kernel runs on
+
+
+def cudnn_attention_problem(dtype: Any, head_dim: int, device: Any = None) -> str:
+    """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot run here ('' when
+    it can): it needs an NVIDIA GPU of compute capability 8.0 or newer (``device``, default the
+    first device), 16-bit compute and a head dim that is a multiple of 8, at most 128."""
+    device = jax.devices()[0] if device is None else device
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    try:
+        major = int(str(capability).split(".")[0])
+    except ValueError:  # not a CUDA device (CPU, TPU, ROCm)
+        return f"cuDNN attention needs an NVIDIA GPU, not {device.platform} ({device.device_kind})"
+    if major < 8:
+        return (
+            f"cuDNN attention needs compute capability >= 8.0; {device.device_kind} has "
+            f"{capability}"
+        )
+    if dtype_name(dtype) not in _CUDNN_DTYPES:
+        return f"cuDNN attention needs bfloat16 or float16 compute, not {dtype_name(dtype)}"
+    if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+        return (
+            f"cuDNN attention needs a head dim that is a multiple of 8 and at most "
+            f"{_CUDNN_MAX_HEAD_DIM}, not {head_dim}"
+        )
+    return ""
+
+
 @functools.partial(jax.checkpoint, static_argnums=(3,))
-def _attention(q, k, v, causal: bool) -> jax.Array:
+def _xla_attention(q, k, v, causal: bool) -> jax.Array:
     # Checkpointed: keeps q, k, v and recomputes the [heads, L, L] scores and probabilities
     # (and the causal mask) in the backward pass, about 2% more FLOPs at CLIP's lengths.
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+
+def _cudnn_attention(q, k, v, causal: bool) -> jax.Array:
+    # Not checkpointed: the fused kernel never materialises the scores; its backward needs
+    # only the output and the per-row log-sum-exp.
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+
+def attention(q, k, v, causal: bool, implementation: str = "auto") -> jax.Array:
+    """``softmax(q k^T / sqrt(head_dim)) v`` over ``[B, L, heads, head_dim]``; logits and
+    softmax in float32. ``implementation``: one of ``ATTENTION_IMPLS``."""
+    if implementation == "auto":
+        usable = not cudnn_attention_problem(q.dtype, q.shape[-1])
+        implementation = "cudnn" if usable else "xla"
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, causal)
+    return _xla_attention(q, k, v, causal)
 
 
 class MultiHeadAttention(nn.Module):
@@ -312,6 +361,7 @@ class MultiHeadAttention(nn.Module):
     out_axis: str = "embed"
     qkv_std: float | None = None  # default D**-0.5
     out_std: float | None = None  # default D**-0.5
+    attention: str = "auto"  # one of ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, causal: bool = False):
@@ -336,8 +386,7 @@ class MultiHeadAttention(nn.Module):
         q = project("query", inputs_q)
         k = project("key", inputs_kv)
         v = project("value", inputs_kv)
-        # softmax(q k^T / sqrt(head_dim)) v; logits and softmax in float32.
-        y = _attention(q, k, v, causal)
+        y = attention(q, k, v, causal, self.attention)
         return Dense(
             (self.out_features or d,),
             ("heads", "head_dim"),
@@ -395,6 +444,7 @@ class ResidualAttentionBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     mlp_ratio: int = 4
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -403,7 +453,12 @@ class ResidualAttentionBlock(nn.Module):
         proj_std = d**-0.5 * (2 * self.num_layers) ** -0.5
         h = LayerNorm(self.dtype, self.param_dtype, name="ln_1")(x)
         h = MultiHeadAttention(
-            self.num_heads, self.dtype, self.param_dtype, out_std=proj_std, name="attn"
+            self.num_heads,
+            self.dtype,
+            self.param_dtype,
+            out_std=proj_std,
+            attention=self.attention,
+            name="attn",
         )(h, h, causal=self.causal)
         x = x + h
         h = LayerNorm(self.dtype, self.param_dtype, name="ln_2")(x)
@@ -428,6 +483,7 @@ class Transformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -440,6 +496,7 @@ class Transformer(nn.Module):
                 causal=self.causal,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                attention=self.attention,
                 name=f"resblocks_{i}",
             )(x)
         return x

@@ -133,6 +133,7 @@ class AttentionPool2d(nn.Module):
     output_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,6 +159,7 @@ class AttentionPool2d(nn.Module):
             out_axis="proj",
             qkv_std=std,
             out_std=std,
+            attention=self.attention,
             name="attn",
         )(x[:, :1], x)
         return y[:, 0]
@@ -179,6 +181,7 @@ class ModifiedResNet(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -211,4 +214,5 @@ class ModifiedResNet(nn.Module):
                     name=f"layer{stage + 1}_{j}",
                 )(x)
 
-        return AttentionPool2d(self.heads, self.embed_dim, dt, pdt, name="attnpool")(x)
+        pool = AttentionPool2d(self.heads, self.embed_dim, dt, pdt, self.attention, name="attnpool")
+        return pool(x)

@@ -53,6 +53,7 @@ class TextTransformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -86,6 +87,7 @@ class TextTransformer(nn.Module):
             remat_policy=self.remat_policy,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attention=self.attention,
             name="transformer",
         )(x)
         # LayerNorm acts per position, so gathering first and normalising one row is the same.

@@ -31,6 +31,7 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -78,6 +79,7 @@ class VisionTransformer(nn.Module):
             remat_policy=self.remat_policy,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            attention=self.attention,
             name="transformer",
         )(x)
         x = LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x[:, 0])

@@ -59,6 +59,11 @@ class ImportConfig:
     num_threads: int = 4
     progress: bool = True  # a line per ~2% of the source files (tfds shows a bar as well)
 
+    def split_of(self, key: str) -> str:
+        if self.split:
+            return self.split
+        return "validation" if in_validation(key, self.val_fraction) else "train"
+
 
 def in_validation(key: str, fraction: float) -> bool:
     """Stable hold-out: the first 8 bytes of sha256(key) as a fraction of 2**64."""
@@ -91,20 +96,103 @@ def _maybe_downscale(data: bytes, img: Image.Image, max_size: int | None) -> byt
 
 @dataclasses.dataclass
 class ImportStats:
-    """Counts kept by the generator across both split passes."""
+    """Counts kept by the generator across both split passes, or (Beam) by one worker for
+    one source and split, then merged."""
 
     written: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # kind -> up to 5 (rank, text): the first skips in the single-process reading order
     examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     image_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     reencoded: int = 0
     notes: list = dataclasses.field(default_factory=list)
 
-    def skip(self, reason: str, origin: str):
+    def add(self, split: str, example: dict, note: str | None):
+        if note == "reencoded":
+            self.reencoded += 1
+        self.written[split] += 1
+        self.image_bytes[split] += len(example["image"])
+
+    def skip(self, reason: str, origin: str, rank: tuple = ()):
+        """rank: where the skip comes in the single-process order (split, source, ordinal);
+        only merged stats need it."""
         kind = reason.split(":", 1)[0]
         self.skipped[kind] += 1
-        if len(self.examples[kind]) < 5:
-            self.examples[kind].append(f"{origin} ({reason})" if kind != reason else origin)
+        text = f"{origin} ({reason})" if kind != reason else origin
+        self._keep_first(kind, [(rank, text)])
+
+    def merge(self, other: ImportStats) -> ImportStats:
+        self.written.update(other.written)
+        self.skipped.update(other.skipped)
+        self.image_bytes.update(other.image_bytes)
+        self.reencoded += other.reencoded
+        for kind, ranked in other.examples.items():
+            self._keep_first(kind, ranked)
+        return self
+
+    def _keep_first(self, kind: str, ranked: list) -> None:
+        kept = self.examples[kind]
+        if len(kept) < 5 or any(rank < kept[-1][0] for rank, _ in ranked):
+            kept.extend(ranked)
+            kept.sort(key=lambda e: e[0])  # stable: equal ranks keep their arrival order
+            del kept[5:]
+
+    def skipped_examples(self) -> dict[str, list[str]]:
+        return {kind: [text for _, text in ranked] for kind, ranked in self.examples.items()}
+
+
+class Checker:
+    """A candidate -> (example, None) or (None, skip reason). Picklable, so that Beam
+    workers run the very checks of the single-process import."""
+
+    def __init__(self, config: ImportConfig):
+        self.config = config
+        self._class_index = {n: i for i, n in enumerate(config.class_names or [])}
+
+    def __call__(self, cand: sources_lib.Candidate) -> tuple:
+        """Runs in a thread pool (PIL frees the GIL)."""
+        if cand.problem:
+            return None, cand.problem
+        captions = [c for c in cand.captions if c.strip()]
+        if not captions:
+            return None, "empty caption"
+        try:
+            data = cand.load_image()
+        except OSError as e:
+            return None, f"unreadable image file: {e.strerror or e}"
+        if not data:
+            return None, "empty image file"
+        max_size = self.config.max_size
+        try:
+            # A reduced-size JPEG decode still reads every byte of the entropy stream.
+            img = images.decode_rgb(data, min_size=None if max_size else 64)
+        except images.BadImage as e:
+            return None, str(e)
+        out = _maybe_downscale(data, img, max_size)
+        example = {"image": out, "caption": captions, "key": cand.key}
+        if self.config.class_names is not None:
+            if cand.label not in self._class_index:  # prepare checks the classes beforehand
+                return None, "unknown class" if cand.label else "missing label"
+            example["label"] = self._class_index[cand.label]
+        return example, ("reencoded" if out is not data else None)
+
+
+def checked_candidates(
+    path: str,
+    config: ImportConfig,
+    check: Checker,
+    pool: concurrent.futures.Executor,
+    keep=None,
+) -> Iterator[tuple]:
+    """(ordinal in the source, candidate, example or None, note) for each candidate of
+    `path` that `keep` accepts (default: all), in source order, checked 64 at a time."""
+    numbered = enumerate(sources_lib.iter_source(path, config.read))
+    if keep is not None:
+        numbered = ((n, c) for n, c in numbered if keep(c))
+    while chunk := list(itertools.islice(numbered, 64)):
+        results = pool.map(check, [c for _, c in chunk])
+        for (n, cand), (example, note) in zip(chunk, results):
+            yield n, cand, example, note
 
 
 class ImageText(common.Builder, skip_registration=True):
@@ -115,8 +203,7 @@ class ImageText(common.Builder, skip_registration=True):
 
     def __init__(self, *, import_config: ImportConfig | None = None, **kwargs):
         self._import = import_config
-        names = import_config.class_names if import_config is not None else None
-        self._class_index = {n: i for i, n in enumerate(names or [])}
+        self._check = Checker(import_config) if import_config is not None else None
         self.stats = ImportStats()
         super().__init__(**kwargs)
 
@@ -144,6 +231,10 @@ class ImageText(common.Builder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         del dl_manager
+        return {split: self._generate_examples(split) for split in self._splits_to_write()}
+
+    def _splits_to_write(self) -> list[str]:
+        """The splits that get at least one example; a DataError if the first gets none."""
         if self._import is None:
             raise DataError(
                 f"dataset {self.name!r} can only be read here; import it with "
@@ -166,18 +257,13 @@ class ImageText(common.Builder, skip_registration=True):
             )
         if "validation" in wanted and not found.get("validation"):
             self.stats.notes.append("no example fell in the validation split; not written")
-        return {split: self._generate_examples(split) for split in wanted if found.get(split)}
-
-    def _split_of(self, key: str) -> str:
-        if self._import.split:
-            return self._import.split
-        return "validation" if in_validation(key, self._import.val_fraction) else "train"
+        return [split for split in wanted if found.get(split)]
 
     def _find_first_good(self, wanted: list[str]) -> dict:
         cfg, found, reasons = self._import, {}, collections.Counter()
         for path in cfg.sources:
             for cand in sources_lib.iter_source(path, cfg.read):
-                split = self._split_of(cand.key)
+                split = cfg.split_of(cand.key)
                 if found.get(split):
                     continue
                 example, note = self._check(cand)
@@ -190,56 +276,22 @@ class ImageText(common.Builder, skip_registration=True):
         found["_reasons"] = reasons
         return found
 
-    def _check(self, cand: sources_lib.Candidate) -> tuple:
-        """-> (example, None) or (None, reason). Runs in a thread pool (PIL frees the GIL)."""
-        if cand.problem:
-            return None, cand.problem
-        captions = [c for c in cand.captions if c.strip()]
-        if not captions:
-            return None, "empty caption"
-        try:
-            data = cand.load_image()
-        except OSError as e:
-            return None, f"unreadable image file: {e.strerror or e}"
-        if not data:
-            return None, "empty image file"
-        try:
-            # A reduced-size JPEG decode still reads every byte of the entropy stream.
-            img = images.decode_rgb(data, min_size=None if self._import.max_size else 64)
-        except images.BadImage as e:
-            return None, str(e)
-        out = _maybe_downscale(data, img, self._import.max_size)
-        example = {"image": out, "caption": captions, "key": cand.key}
-        if self._import.class_names is not None:
-            if cand.label not in self._class_index:  # prepare checks the classes beforehand
-                return None, "unknown class" if cand.label else "missing label"
-            example["label"] = self._class_index[cand.label]
-        return example, ("reencoded" if out is not data else None)
-
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
         cfg = self._import
         stats = self.stats
         t0 = time.time()
         pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads))
+        mine = lambda c: cfg.split_of(c.key) == split
         try:
             for si, path in enumerate(cfg.sources):
-                cands = sources_lib.iter_source(path, cfg.read)
-                ordinal = itertools.count()
-                mine = (c for c in cands if self._split_of(c.key) == split)
-                while True:
-                    chunk = list(itertools.islice(mine, 64))
-                    if not chunk:
-                        break
-                    for cand, (example, note) in zip(chunk, pool.map(self._check, chunk)):
-                        n = next(ordinal)
-                        if example is None:
-                            stats.skip(note, cand.origin)
-                            continue
-                        if note == "reencoded":
-                            stats.reencoded += 1
-                        stats.written[split] += 1
-                        stats.image_bytes[split] += len(example["image"])
-                        yield f"{si:06d}:{n:09d}", example
+                for n, cand, example, note in checked_candidates(
+                    path, cfg, self._check, pool, mine
+                ):
+                    if example is None:
+                        stats.skip(note, cand.origin)
+                        continue
+                    stats.add(split, example, note)
+                    yield f"{si:06d}:{n:09d}", example
                 if (
                     cfg.progress
                     and len(cfg.sources) > 1
@@ -259,9 +311,13 @@ class ImageText(common.Builder, skip_registration=True):
 
 
 def make_builder(
-    name: str, data_dir: str, config: ImportConfig | None = None, **kwargs
+    name: str,
+    data_dir: str,
+    config: ImportConfig | None = None,
+    base: type[ImageText] = ImageText,
+    **kwargs,
 ) -> ImageText:
-    """An `ImageText` builder writing `data_dir/name/1.0.0` in ArrayRecord."""
+    """An `ImageText` (or `base`) builder writing `data_dir/name/1.0.0` in ArrayRecord."""
     if not _NAME_RE.match(name or ""):
         raise DataError(
             f"invalid dataset name {name!r} (expected lower_snake_case, e.g. 'my_captions')"
@@ -270,7 +326,7 @@ def make_builder(
         raise DataError(f"dataset name {name!r} is reserved; choose another --name")
     cls = types.new_class(
         "ImageText_" + name,
-        (ImageText,),
+        (base,),
         {"skip_registration": True},
         lambda ns: ns.update({"name": name, "__module__": __name__}),
     )

@@ -1,0 +1,148 @@
+"""`python -m clip_jax.data.prepare --beam_runner=...`: the import on Apache Beam (DirectRunner,
+2 worker processes) writes the dataset of the single-process import, and an unreadable shard
+fails it by name, leaving nothing that looks prepared."""
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import data_helpers
+import pytest
+import tensorflow_datasets as tfds
+
+from clip_jax.data.errors import DataError
+from clip_jax.data.prepare import prepare, prepare_image_text, prepared_dir
+
+tfds.disable_progress_bar()
+
+SHARDS = "shard-{00000..00003}.tar"
+VAL_FRACTION = 0.2
+TWO_WORKERS = "--direct_num_workers=2 --direct_running_mode=multi_processing"
+# make_cases' broken files and the reason each is skipped for.
+SKIP_REASON = {
+    "k10_corrupt_jpeg": "corrupt image",
+    "k11_truncated_png": "truncated image",
+    "k12_zero_byte": "empty image file",
+    "k13_empty_caption": "empty caption",
+    "k14_no_caption": "missing caption",
+    "k15_text_not_image": "corrupt image",
+}
+
+
+def held_out(key: str) -> bool:
+    """The documented hold-out rule: sha256(key)'s first 8 bytes below fraction * 2**64."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < VAL_FRACTION * 2**64
+
+
+def prepare_cli(source_dir, data_dir, name, *flags):
+    cmd = [sys.executable, "-m", "clip_jax.data.prepare", f"--name={name}"]
+    cmd += [f"--data_dir={data_dir}", f"--val_fraction={VAL_FRACTION}", *flags]
+    cmd += ["--source", os.path.join(source_dir, SHARDS)]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=300)
+
+
+def records(name, data_dir, split):
+    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    rows = ds.__getitems__(list(range(len(ds))))
+    return [(r["key"].decode(), [c.decode() for c in r["caption"]], r["image"]) for r in rows]
+
+
+def cut_inside_a_member(path):
+    """Cuts the tar short in the middle of a file's data, as a broken download. (A tar cut
+    at a member boundary reads as a shorter, valid one: tar has no length or checksum.)"""
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+    member = next(m for m in members[len(members) // 2 :] if m.size > 100)
+    with open(path, "r+b") as f:
+        f.truncate(member.offset_data + member.size // 2)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """500 pairs in 4 img2dataset shards; 3 in 8 are broken (make_cases' bad files)."""
+    folder = str(tmp_path_factory.mktemp("shards"))
+    return folder, data_helpers.write_shards(folder, shards=4, pairs=125)
+
+
+def test_beam_import_writes_the_single_process_dataset(shards, tmp_path):
+    folder, cases = shards
+    d = str(tmp_path / "tfds")
+    single = prepare_image_text(
+        "single", os.path.join(folder, SHARDS), d, val_fraction=VAL_FRACTION, verbose=False
+    )
+    res = prepare_cli(
+        folder, d, "beamed", "--beam_runner=DirectRunner", f"--beam_options={TWO_WORKERS}"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "validation: " in res.stdout
+    with open(os.path.join(prepared_dir("beamed", d), "import_summary.json")) as f:
+        beamed = json.load(f)
+
+    good = [c for c in cases if c["good"]]
+    for split in ("train", "validation"):
+        # Source order, the hold-out by the key hash, the original bytes and captions.
+        expected = [
+            (c["key"], [c["caption"]], c["data"])
+            for c in good
+            if held_out(c["key"]) == (split == "validation")
+        ]
+        assert 40 <= len(expected) <= len(good) - 40
+        assert records("single", d, split) == expected
+        assert records("beamed", d, split) == expected
+        assert beamed["splits"][split]["examples"] == len(expected)
+        assert beamed["image_bytes"][split] == sum(len(data) for _, _, data in expected)
+    bad = [c["key"].split("_", 2)[2] for c in cases if not c["good"]]  # s0_0010_k10_corrupt_jpeg
+    reasons = collections.Counter(SKIP_REASON[key] for key in bad)
+    assert sum(reasons.values()) == 180
+    assert beamed["skipped"] == single["skipped"] == dict(reasons)
+    for field in ("splits", "skipped_examples", "image_bytes", "reencoded", "notes"):
+        assert beamed[field] == single[field], field
+
+
+def test_unreadable_shards_fail_the_beam_import_by_name_and_leave_nothing(shards, tmp_path):
+    folder = str(tmp_path / "shards")
+    shutil.copytree(shards[0], folder)
+    for bad in ("shard-00002.tar", "shard-00003.tar"):
+        cut_inside_a_member(os.path.join(folder, bad))
+    d = str(tmp_path / "tfds")
+    res = prepare_cli(
+        folder, d, "broken", "--beam_runner=DirectRunner", f"--beam_options={TWO_WORKERS}"
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot read tar file {folder}/shard-00002.tar: "), last
+    assert last.endswith(f"and 1 more unreadable source(s): {folder}/shard-00003.tar"), last
+    # Nothing that looks prepared: no version folder, no temporary folder left behind.
+    assert prepared_dir("broken", d) is None
+    assert not os.path.exists(os.path.join(d, "broken")) or not os.listdir(
+        os.path.join(d, "broken")
+    )
+    with pytest.raises(Exception, match="broken"):
+        tfds.data_source("broken", split="train", data_dir=d, download=False)
+
+
+def test_beam_flags_are_checked_before_reading(shards, tmp_path):
+    folder = shards[0]
+    d = str(tmp_path / "tfds")
+    res = prepare_cli(
+        folder, d, "typo", "--beam_runner=DirectRunner", "--beam_options=--num_worker=4"
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error: unknown --beam_options --num_worker; check the spelling")
+    assert res.stderr.count("\n") == 1
+    source = os.path.join(folder, SHARDS)
+    with pytest.raises(DataError, match="unknown --beam_runner 'Sparks'; pass DirectRunner"):
+        prepare_image_text("x", source, d, beam_runner="Sparks")
+    with pytest.raises(DataError, match="--beam_options needs --beam_runner"):
+        prepare_image_text("x", source, d, beam_options="--direct_num_workers=2")
+    with pytest.raises(DataError, match="DataflowRunner cannot write --data_dir=gs://b/tfds"):
+        prepare("x", "gs://b/tfds", source, beam_runner="DataflowRunner")
+    with pytest.raises(DataError, match="clip_demo is generated in one process"):
+        prepare("clip_demo", d, beam_runner="DirectRunner")
+    assert not os.path.exists(d)
