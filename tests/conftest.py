@@ -22,9 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 chex.set_n_cpu_devices(8)  # through XLA_FLAGS too, so subprocesses see the same devices
 
 import jax  # noqa: E402
+import one_process  # noqa: E402
 import pytest  # noqa: E402
 import two_processes  # noqa: E402
 
+from clip_jax import train as train_lib  # noqa: E402
 from clip_jax.data.prepare import prepare_demo  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
@@ -36,6 +38,16 @@ def demo_data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("demo_tfds"))
     prepare_demo(d, num_train=640, num_validation=48, num_test=40, image_size=32, verbose=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def reference(demo_data_dir, tmp_path_factory):
+    """Per-step losses and final parameters of the uninterrupted `one_process` run, shared
+    by the tests that interrupt and resume it (preemption, cloud storage)."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    c = one_process.config(demo_data_dir)
+    train_lib.train(c, workdir)
+    return one_process.losses_by_step(workdir), one_process.final_params(c, workdir)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import sys
 
 import chex
 import pytest
-from test_preemption import final_params, losses_by_step
+from one_process import final_params, losses_by_step
 from test_train import DEMO, smoke
 
 from clip_jax import train as train_lib

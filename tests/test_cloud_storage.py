@@ -19,17 +19,14 @@ import sys
 
 import chex
 import pytest
-from test_preemption import (  # noqa: F401 (reference is a fixture)
-    TOTAL_STEPS,
-    config,
-    data_dir,
-    reference,
-    start_training,
-)
+from one_process import TOTAL_STEPS, start_training
 from test_train import DEMO
 
 from clip_jax import storage
 from clip_jax.metric_writers import METRICS_FILE
+
+# One test process runs these: they share the session's uninterrupted run (conftest).
+pytestmark = pytest.mark.xdist_group("uninterrupted_run")
 
 BUCKET = "clip-bucket"
 
@@ -151,7 +148,8 @@ def assert_one_line_error(status, stderr, *words):
         assert word in lines[0], stderr
 
 
-def test_gcs_workdir_and_data_train_preempt_resume_evaluate(gcs, data_dir, reference):  # noqa: F811
+def test_gcs_workdir_and_data_train_preempt_resume_evaluate(gcs, demo_data_dir, reference):
+    data_dir = demo_data_dir
     # The local demo dataset (the reference run's, tokenizer included) copied to the bucket.
     remote_data = f"gs://{BUCKET}/tfds"
     storage.upload_tree(os.path.join(data_dir, "clip_demo"), f"{remote_data}/clip_demo")

@@ -20,11 +20,15 @@ import signal
 import time
 
 import chex
+import pytest
 import two_processes
 from two_processes import TOTAL_STEPS, losses
 
 from clip_jax import peer_loss
 from clip_jax.checkpoint import latest_step
+
+# One test process runs these: they share the session's 2-process run (conftest).
+pytestmark = pytest.mark.xdist_group("two_process_run")
 
 HEARTBEAT_TIMEOUT_S = 5
 # From the SIGKILL to the other process's exit: the heartbeat timeout, the report (which

@@ -8,13 +8,7 @@ import json
 import os
 import re
 
-from test_preemption import (  # noqa: F401 (data_dir is a fixture)
-    TOTAL_STEPS,
-    data_dir,
-    logged_steps,
-    start_training,
-    wait_for,
-)
+from one_process import TOTAL_STEPS, logged_steps, start_training, wait_for
 
 
 def steps_in_file(workdir) -> list[int]:
@@ -24,7 +18,8 @@ def steps_in_file(workdir) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-def test_sigkill_after_a_checkpoint_then_resume_logs_each_step_once(data_dir, tmp_path):  # noqa: F811
+def test_sigkill_after_a_checkpoint_then_resume_logs_each_step_once(demo_data_dir, tmp_path):
+    data_dir = demo_data_dir
     workdir = str(tmp_path)
     every = "--config.checkpoint.every_steps=10"
     proc = start_training(workdir, data_dir, every)

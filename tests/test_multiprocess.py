@@ -5,10 +5,14 @@ only its half of every global batch, and the step all-reduces across processes."
 import os
 
 import chex
+import pytest
 from test_train import DEMO, smoke
 from two_processes import CHECKPOINT_EVERY, TOTAL_STEPS, losses
 
 from clip_jax import train as train_lib
+
+# One test process runs these: they share the session's 2-process run (conftest).
+pytestmark = pytest.mark.xdist_group("two_process_run")
 
 
 def test_two_processes_train_like_one(demo_data_dir, two_process_run, tmp_path):

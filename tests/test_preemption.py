@@ -5,90 +5,30 @@ same 8 simulated devices); an interrupted and resumed run must reproduce its per
 losses and its final parameters.
 """
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import chex
-import jax
 import pytest
-from test_train import DEMO, read_metrics, smoke
+from one_process import (
+    TOTAL_STEPS,
+    config,
+    final_params,
+    logged_steps,
+    losses_by_step,
+    start_training,
+    wait_for,
+)
 
-from clip_jax import step as step_lib
-from clip_jax import train as train_lib
 from clip_jax.checkpoint import Checkpointer
 
-TOTAL_STEPS = 24
-
-
-def config(data_dir):
-    return smoke(DEMO, data_dir, total_steps=TOTAL_STEPS)
+# One test process runs these: they share the session's uninterrupted run (conftest).
+pytestmark = pytest.mark.xdist_group("uninterrupted_run")
 
 
 @pytest.fixture(scope="module")
 def data_dir(demo_data_dir):
     return demo_data_dir
-
-
-@pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """Per-step losses and final parameters of the uninterrupted run."""
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    c = config(data_dir)
-    train_lib.train(c, workdir)
-    return losses_by_step(workdir), final_params(c, workdir)
-
-
-def losses_by_step(workdir) -> dict[int, float]:
-    return {step: row["loss"] for step, row in read_metrics(workdir).items()}
-
-
-def final_params(c, workdir):
-    run = train_lib.setup(c, workdir)
-    abstract = step_lib.abstract_train_state(run.model, run.tx, run.mesh, c.mesh.rules)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    assert ckpt.latest_step() == c.total_steps
-    state, _ = ckpt.restore(c.total_steps, abstract)
-    ckpt.close()
-    return jax.device_get(state.params)
-
-
-def start_training(workdir, data_dir, *overrides) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "clip_jax.train",
-        f"--config={DEMO}:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        f"--config.total_steps={TOTAL_STEPS}",
-        *overrides,
-    ]
-    # Inherits XLA_FLAGS from conftest: the same 8 simulated devices as the reference.
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(condition, proc, timeout=120.0):
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"training exited early ({proc.returncode}):\n{proc.stdout.read()}"
-            )
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the training process")
-        time.sleep(0.005)
-
-
-def logged_steps(workdir) -> int:
-    try:
-        return len(losses_by_step(workdir))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def finish_and_compare(c, workdir, data_dir, reference, interrupted_at):
