@@ -8,14 +8,20 @@ source it then measures, in this one process:
 
   * the physical limit: a bare single-core loop of decode, crop and resize over the image
     bytes in memory, no loader around it: the new transform
-    (`clip_jax.data.images.random_square_crop`), the same crop with PIL's decoder only
-    (the decoder this project did not pick), and the old transform, kept in this file as
-    the baseline (PIL draft decoding sized for the smallest crop, then the crop);
+    (`clip_jax.data.images.random_square_crop`: DCT-scaled decode, OpenCV resize), the same
+    crop with PIL's decoder only (the decoder this project did not pick), the new decode
+    with PIL's bicubic resize of the same float box (the resize this project did not
+    pick), and the old transform, kept in this file as the baseline (PIL draft decoding
+    sized for the smallest crop, then PIL's bicubic resize of the crop);
   * the training loader (records, transform, tokenizer, batching) with the old transform
     as it ran before (0 workers: one background thread; 1 and 2 worker processes) and with
-    the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes;
+    the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes. Both
+    walk the shuffled order of a split of a million records folded onto the few hundred
+    generated (`FoldedOrder`): grain's index shuffle costs ten times more on so small a
+    split than on any real dataset;
   * the new decode and a window cut out without the resize: the host's share were the
-    bicubic resize done on the devices.
+    resize done on the devices;
+  * where the loader's CPU goes per image: its steps besides the crop, each timed alone.
 
 "per core" divides by the CPU time this process and its worker processes used, which the
 other programs on a busy machine change less than the wall time; images/s of wall time and
@@ -43,6 +49,8 @@ import tarfile
 import tempfile
 import time
 
+import cv2
+import grain
 import numpy as np
 import simplejpeg
 import tensorflow_datasets as tfds
@@ -161,9 +169,8 @@ def new_pil_only(data: bytes, size: int, rng, scale) -> np.ndarray:
     return images._crop_pil(data, rng.random(3).tolist(), scale, size)
 
 
-def decode_and_cut(data: bytes, size: int, rng, scale) -> np.ndarray:
-    """What would be left to the host if the devices resized: the new DCT-scaled decode and
-    a copy of a size x size window from the box, no resize."""
+def dct_scaled(data: bytes, size: int, rng, scale) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The new DCT-scaled decode of a plain JPEG and its crop box in the decoded pixels."""
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)
     u, dx, dy = rng.random(3)
     side = min(width, height) * math.sqrt(scale[0] + (scale[1] - scale[0]) * u)
@@ -173,8 +180,76 @@ def decode_and_cut(data: bytes, size: int, rng, scale) -> np.ndarray:
     pixels = simplejpeg.decode_jpeg(
         data, "RGB", min_height=math.ceil(height * f), min_width=math.ceil(width * f)
     )
-    x0, y0 = int((width - side) * dx * f), int((height - side) * dy * f)
+    x0, y0 = (width - side) * dx * f, (height - side) * dy * f
+    return pixels, (x0, y0, x0 + side * f, y0 + side * f)
+
+
+def new_decode_pil_resize(data: bytes, size: int, rng, scale) -> np.ndarray:
+    """The new decode with PIL's antialiased bicubic resize of the float box instead."""
+    pixels, box = dct_scaled(data, size, rng, scale)
+    out = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out)
+
+
+def decode_and_cut(data: bytes, size: int, rng, scale) -> np.ndarray:
+    """What would be left to the host if the devices resized: the new DCT-scaled decode and
+    a copy of a size x size window from the box, no resize."""
+    pixels, box = dct_scaled(data, size, rng, scale)
+    x0, y0 = int(box[0]), int(box[1])
     return pixels[y0 : y0 + size, x0 : x0 + size]
+
+
+def pil_on_whole_pixels(pixels: np.ndarray, box, size: int) -> np.ndarray:
+    """PIL's antialiased bicubic resize of the box rounded to whole pixels, as the new
+    transform rounds it."""
+    height, width = pixels.shape[:2]
+    side = min(round(box[2] - box[0]), width, height)
+    x0, y0 = min(round(box[0]), width - side), min(round(box[1]), height - side)
+    box = (x0, y0, x0 + side, y0 + side)
+    return np.asarray(
+        Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box)
+    )
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(float) - b).mean())
+
+
+def resize_difference(datas: list[bytes], size: int) -> float:
+    """Mean absolute difference (of 255) of the new transform's crops from PIL's resize of
+    the same whole-pixel box of the same DCT-scaled pixels."""
+    diffs = []
+    for j, data in enumerate(datas):
+        got = images.random_square_crop(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+        pixels, box = dct_scaled(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+        diffs.append(mean_abs_diff(got, pil_on_whole_pixels(pixels, box, size)))
+    return float(np.mean(diffs))
+
+
+def filter_differences(size: int, shrinks=(1.1, 1.3, 1.5, 2.0)) -> dict[float, tuple]:
+    """Shrink -> mean absolute differences of OpenCV's bicubic and pixel-area resizes from
+    PIL's antialiased bicubic, on photo-like images cut to size * shrink pixels."""
+    rng = np.random.default_rng(1)
+    side = math.ceil(size * max(shrinks))
+    photos = [np.asarray(photo_like(rng, side, side)) for _ in range(8)]
+    out = {}
+    for shrink in shrinks:
+        n = round(size * shrink)
+        crops = [p[:n, :n] for p in photos]
+        pil = [
+            np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BICUBIC))
+            for c in crops
+        ]
+        out[shrink] = tuple(
+            np.mean(
+                [
+                    mean_abs_diff(cv2.resize(c, (size, size), interpolation=f), r)
+                    for c, r in zip(crops, pil)
+                ]
+            )
+            for f in (cv2.INTER_CUBIC, cv2.INTER_AREA)
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,12 +281,71 @@ def tree_cpu_seconds() -> float:
 
 
 def bare_rate(transform, datas: list[bytes], size: int) -> float:
-    """Images per CPU-second of one thread: decode, crop, resize into a batch array."""
+    """Images per CPU-second of one thread: decode, crop, resize into a batch array. The
+    second of two passes is timed, as `time_loader` skips a loader's first batches."""
     out = np.empty((len(datas), size, size, 3), np.uint8)
-    t = time.process_time()
-    for j, data in enumerate(datas):
-        out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+    for _ in range(2):
+        t = time.process_time()
+        for j, data in enumerate(datas):
+            out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
     return len(datas) / (time.process_time() - t)
+
+
+def second_run(step):
+    """step()'s result and the CPU seconds of its second run (the first warms up)."""
+    step()
+    t = time.process_time()
+    out = step()
+    return out, time.process_time() - t
+
+
+def loader_costs(make, batches: int) -> dict[str, float]:
+    """CPU microseconds per image of the loader's steps besides the crop, each timed alone
+    on the loader's batch maker over `batches` batches."""
+    loader = make()
+    fn = loader._fn
+    positions = [p for k in range(batches) for p in fn.positions(k)]
+    n, b = len(positions), len(fn.positions(0))
+    small = grain.MapDataset.range(len(fn.source)).shuffle(seed=fn.seed).repeat(None)
+    costs = {}
+    _, costs[f"order on this {len(fn.source)}-record split"] = second_run(
+        lambda: [small[p] for p in positions]
+    )
+    indices, costs["order (1M-record split)"] = second_run(lambda: [fn.order[p] for p in positions])
+    records, costs["record read and parse"] = second_run(
+        lambda: [r for i in range(0, n, b) for r in fn.source.get(indices[i : i + b])]
+    )
+    _, costs["the same with array_record's parallel read"] = second_run(
+        lambda: [fn.source._ds.__getitems__(indices[i : i + b]) for i in range(0, n, b)]
+    )
+    rngs, costs["per-image seed"] = second_run(
+        lambda: [np.random.default_rng([fn.seed, p]) for p in positions]
+    )
+
+    def captions():
+        texts = []
+        for r, g in zip(records, rngs):
+            caps = record_captions(r)
+            texts.append(caps[int(g.integers(len(caps)))] if len(caps) > 1 else caps[0])
+        return texts
+
+    texts, costs["caption choice"] = second_run(captions)
+    _, costs["tokenizer"] = second_run(
+        lambda: [fn.tokenizer.encode(texts[i : i + b]) for i in range(0, n, b)]
+    )
+    size = fn.image_size
+    crop = np.full((size, size, 3), 7, np.uint8)
+
+    def fresh_batches():  # batches wait in the prefetch queue: a new array every time
+        kept = []
+        for _ in range(0, n, b):
+            kept.append(np.empty((b, size, size, 3), np.uint8))
+            for j in range(b):
+                kept[-1][j] = crop
+
+    _, costs["fresh batch array, filled"] = second_run(fresh_batches)
+    loader.close()
+    return {k: 1e6 * v / n for k, v in costs.items()}
 
 
 @dataclasses.dataclass
@@ -240,6 +374,22 @@ def median_run(runs: list[LoaderRun]) -> LoaderRun:
     )
 
 
+LARGE_SPLIT = 10**6
+
+
+@dataclasses.dataclass
+class FoldedOrder:
+    """grain's shuffled order of a LARGE_SPLIT-record split, folded onto the `n` records
+    there are. grain's index shuffle walks cycles on a split of a few hundred records and
+    costs about ten times what it does on a large one (printed), which no real dataset pays."""
+
+    n: int
+    order: grain.MapDataset
+
+    def __getitem__(self, p: int) -> int:
+        return self.order[p] % self.n
+
+
 def loader_factory(name, data_dir, tok, args, old: bool, workers: int, threads: int):
     def make() -> TrainLoader:
         loader = train_loader(
@@ -257,11 +407,11 @@ def loader_factory(name, data_dir, tok, args, old: bool, workers: int, threads: 
             shard_index=0,
             shard_count=1,
         )
-        if old:
-            fn = loader._fn
-            loader._fn = OldTrainBatch(
-                **{f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)}
-            )
+        fn = loader._fn
+        fields = {f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)}
+        large = grain.MapDataset.range(LARGE_SPLIT).shuffle(seed=fn.seed).repeat(None)
+        fields["order"] = FoldedOrder(len(fn.source), large)
+        loader._fn = (OldTrainBatch if old else type(fn))(**fields)
         return loader
 
     return make
@@ -352,6 +502,7 @@ def main(argv=None):
         bare = {
             "new": images.random_square_crop,
             "new, PIL decoder only": new_pil_only,
+            "new decode + PIL bicubic resize": new_decode_pil_resize,
             "old": old_transform,
             "new decode + cut, no resize": decode_and_cut,
         }
@@ -400,10 +551,32 @@ def main(argv=None):
             print("| stored shorter side | KiB per image | img/s per core |")
             print("|---:|---:|---:|")
             for label in [f"{m} px" for m in sorted(set(sweep) | {256})] + ["400-600 px"]:
-                datas = source_bytes(sources[label][0], data_dir, args.bare_images)
-                kib = sum(len(d) for d in datas) / len(datas) / 1024
-                rate = bare_rate(images.random_square_crop, datas, size)
+                stored = source_bytes(sources[label][0], data_dir, args.bare_images)
+                kib = sum(len(d) for d in stored) / len(stored) / 1024
+                rate = bare_rate(images.random_square_crop, stored, size)
                 print(f"| {label} | {kib:.1f} | {rate:.0f} |")
+
+        print(
+            "\nCPU microseconds per image, new transform, loader with 0 threads: the loader "
+            "altogether, the crop in the bare loop (with its seed and batch copy), and the "
+            "loader's steps besides the crop, timed alone:"
+        )
+        for label in datas:
+            make = loader_factory(sources[label][0], data_dir, tok, args, False, 0, 0)
+            steps = loader_costs(make, args.batches)
+            total = 1e6 / rows[label, "new", "0 threads (caller)"].per_core
+            text = ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
+            print(f"  {label}: loader {total:.0f}, crop {1e6 / limit[label, 'new']:.0f}; {text}")
+
+        print(
+            "\nResize against PIL's antialiased bicubic, mean absolute difference (of 255): "
+            "the new transform's crops, PIL resizing the same whole-pixel box"
+        )
+        for label, some in datas.items():
+            print(f"  {label}: {resize_difference(some, size):.2f}")
+        print(f"OpenCV's filters by shrink factor, photo-like images cut to {size} px:")
+        for shrink, (cubic, area) in filter_differences(size).items():
+            print(f"  {shrink:.1f}x: bicubic {cubic:.2f}, pixel area {area:.2f}")
 
         texts = [caption(random.Random(i)) for i in range(4096)]
         tok.encode(texts[:256])

@@ -7,6 +7,7 @@ import json
 import math
 
 import chex
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -326,9 +327,30 @@ def _photo_loader(photos, **kw):
     return train_loader("photo_set", "train", d, **args)
 
 
-def _reference_crop(data: bytes, kind: str, seed: int, position: int) -> np.ndarray:
-    """The crop computed directly with PIL: the box from numpy's uniform draws on the
-    upright image, the pixels decoded at the scale the kind names, one bicubic resize."""
+def _whole_pixels(pixels: np.ndarray, x0: float, y0: float, side: float):
+    """The square box with its corner and side rounded to whole pixels, inside the image."""
+    side = round(side)
+    return min(round(x0), pixels.shape[1] - side), min(round(y0), pixels.shape[0] - side), side
+
+
+def _cv2_crop(pixels: np.ndarray, x0: float, y0: float, side: float, size: int) -> np.ndarray:
+    """The whole-pixel box resized by OpenCV: bicubic, or pixel area from a 1.5x shrink."""
+    x0, y0, side = _whole_pixels(pixels, x0, y0, side)
+    interp = cv2.INTER_AREA if 2 * side >= 3 * size else cv2.INTER_CUBIC
+    return cv2.resize(pixels[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=interp)
+
+
+def _pil_crop(pixels: np.ndarray, x0: float, y0: float, side: float, size: int) -> np.ndarray:
+    """PIL's antialiased bicubic resize of the same whole-pixel box."""
+    x0, y0, side = _whole_pixels(pixels, x0, y0, side)
+    box = (x0, y0, x0 + side, y0 + side)
+    out = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out)
+
+
+def _reference_crop(data: bytes, kind: str, seed: int, position: int, resize=_cv2_crop):
+    """The crop computed directly: the box from numpy's uniform draws on the upright image,
+    the pixels decoded by PIL at the scale the kind names, one OpenCV resize."""
     rng = np.random.default_rng([seed, position])
     img = Image.open(io.BytesIO(data))
     upright = ImageOps.exif_transpose(img).size if "exif" in kind else img.size
@@ -338,15 +360,15 @@ def _reference_crop(data: bytes, kind: str, seed: int, position: int) -> np.ndar
     reduce = 2 if kind.startswith("half") else 1
     if reduce > 1:
         img.draft("RGB", (img.width // reduce, img.height // reduce))
-    img = ImageOps.exif_transpose(img).convert("RGB")
-    box = (x0 / reduce, y0 / reduce, (x0 + side) / reduce, (y0 + side) / reduce)
-    return np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=box))
+    img = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    return resize(img, x0 / reduce, y0 / reduce, side / reduce, SIZE)
 
 
 def test_jpeg_crops_match_pil_references(photos):
     """Every example of two batches (all kinds) against `_reference_crop`: equal where
     PIL decodes at the same scale, within 3 levels on average where only libjpeg-turbo's
-    finer scale (3/8) applies (the full-resolution reference then)."""
+    finer scale (3/8) applies (the full-resolution reference then); and every crop close
+    to PIL's antialiased bicubic resize of the same whole-pixel box."""
     loader = _photo_loader(photos, prefetch=0, num_threads=0)
     ds = tfds.data_source("photo_set", split="train", data_dir=photos[0], download=False)
     seen = set()
@@ -357,6 +379,8 @@ def test_jpeg_crops_match_pil_references(photos):
             kind = rec["key"].decode().split("/")[0]
             seen.add(kind)
             want = _reference_crop(rec["image"], kind, 7, k * 8 + j)
+            pil = _reference_crop(rec["image"], kind, 7, k * 8 + j, resize=_pil_crop)
+            assert np.abs(batch["image"][j].astype(float) - pil).mean() < 3, kind
             if kind.startswith("fine"):
                 err = np.abs(batch["image"][j].astype(float) - want).mean()
                 assert err < 3, (kind, err)
@@ -379,19 +403,16 @@ def test_jpeg_batches_equal_over_threads_processes_and_resume(photos):
 
 
 def test_random_square_crop_of_other_formats_and_bad_bytes():
-    # A PNG: decoded whole, the same three draws as rng.uniform, one bicubic resize.
+    # A PNG: decoded whole, the same three draws as rng.uniform, one pixel-area resize (2x+).
     arr = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
     rng = np.random.default_rng(5)
     side = 50 * math.sqrt(rng.uniform(0.5, 1.0))
     x0, y0 = rng.uniform(0.0, 70 - side), rng.uniform(0.0, 50 - side)
-    want = Image.fromarray(arr).resize(
-        (16, 16), Image.Resampling.BICUBIC, box=(x0, y0, x0 + side, y0 + side)
-    )
     got = images.random_square_crop(
         _png(Image.fromarray(arr)), 16, np.random.default_rng(5), (0.5, 1)
     )
-    chex.assert_trees_all_equal(got, np.asarray(want))
-    # A large PNG is reduced by an integer factor first; the result stays close to the fair resize.
+    chex.assert_trees_all_equal(got, _cv2_crop(arr, x0, y0, side, 16))
+    # A large PNG shrinks 8x by pixel area; the result stays close to PIL's antialiased resize.
     big = np.asarray(_photo(np.random.default_rng(1), 400, 400))
     rng = np.random.default_rng(2)
     side = 400 * math.sqrt(rng.uniform(*CROP))

@@ -10,12 +10,18 @@ file that ends early, raises `BadImage` whose message is the skip reason.
 the upright image's coordinates from the header alone, then decodes a JPEG in the DCT
 domain at the smallest scale M/8 that keeps the crop at least `size` pixels wide
 (libjpeg-turbo through simplejpeg; 8/8 where 7/8 would do, its inverse DCT being slower),
-cuts the box from that reduced image and resizes it bicubically in one pass (PIL reads
-only the box). EXIF-rotated, CMYK and damaged JPEGs go through PIL (draft decoding at 1/2,
-1/4 or 1/8); other formats are decoded whole and reduced by an integer factor before the
-bicubic resize when the ratio is 4 or more. The box is the same whichever way the bytes
-are decoded, and where the decoded scale is the same so are the pixels: a JPEG whose crop
-needs every pixel (a 256-px image cropped to 224) gives what PIL alone gave before.
+cuts the box from that reduced image, its edges rounded to whole decoded pixels as
+torchvision's RandomResizedCrop cuts whole pixels, and resizes it with OpenCV in one pass:
+bicubic below a 1.5x shrink, pixel-area averaging from 1.5x. OpenCV's bicubic, unlike
+PIL's, does not widen its kernel when shrinking: on grainy photos it is as close to PIL's
+antialiased bicubic as area averaging is at 1.1x (0.66 of 255, mean absolute difference),
+but 2.0 away at 1.5x where area averaging stays at 0.6. The DCT scaling leaves a JPEG's
+crop below 1.5x the output except at 2/8 and 1/8 (at most 4/3 at 8/8, 8/7 from 256-px
+JPEGs). OpenCV's bicubic resize runs 7x PIL's at these sizes; on the photo-like 256-px and
+400-600 px JPEGs of `benchmarks/input_pipeline.py` it is within 0.39 and 0.56 of PIL's
+resize of the same box. EXIF-rotated, CMYK and damaged JPEGs go through PIL's decoder
+(draft decoding at 1/2, 1/4 or 1/8); other formats are decoded whole. The box is drawn the
+same whichever way the bytes are decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import io
 import math
 import warnings
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, ImageOps
@@ -39,10 +46,13 @@ __all__ = [
 ]
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white
-_RESAMPLE = Image.Resampling.BICUBIC
-# Train crops shrink by an integer factor (a box filter) before the bicubic resize when the
-# ratio is at least twice this (Pillow's thumbnail() default); JPEGs shrink in the DCT.
-_REDUCING_GAP = 2.0
+_RESAMPLE = Image.Resampling.BICUBIC  # evaluation's centre crop
+# Train crops that shrink by this factor or more are resized by pixel-area averaging
+# (slower than bicubic, but OpenCV's bicubic aliases from about here).
+_AREA_FROM_SHRINK = 1.5
+# The loader crops one image per thread or worker process; OpenCV's own thread pool would
+# only oversubscribe the cores (and hand each small resize to other threads).
+cv2.setNumThreads(1)
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _PLAIN_COLORSPACES = ("YCbCr", "Gray", "RGB")  # libjpeg-turbo gives RGB; CMYK goes to PIL
 
@@ -154,9 +164,23 @@ def decode_rgb(data: bytes, min_size: int | None = None) -> Image.Image:
         return _load_rgb(img)
 
 
-def _resize_box(img: Image.Image, box, size: int, reducing_gap: float | None = None) -> np.ndarray:
-    out = img.resize((size, size), _RESAMPLE, box=box, reducing_gap=reducing_gap)
-    return np.asarray(out, dtype=np.uint8)
+def _resize_box(img: Image.Image, box, size: int) -> np.ndarray:
+    return np.asarray(img.resize((size, size), _RESAMPLE, box=box), dtype=np.uint8)
+
+
+def _resize_crop(pixels: np.ndarray, box, size: int) -> np.ndarray:
+    """The square `box` of an RGB array, its side and corner rounded to whole pixels (kept
+    inside the array), resized to size x size: bicubic, or pixel area from a 1.5x shrink."""
+    height, width = pixels.shape[:2]
+    side = min(max(1, round(box[2] - box[0])), width, height)
+    x0 = min(max(0, round(box[0])), width - side)
+    y0 = min(max(0, round(box[1])), height - side)
+    shrinks = side >= _AREA_FROM_SHRINK * size
+    return cv2.resize(
+        pixels[y0 : y0 + side, x0 : x0 + side],
+        (size, size),
+        interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_CUBIC,
+    )
 
 
 def _square_box(width: int, height: int, draws, scale) -> tuple[float, float, float, float]:
@@ -235,21 +259,21 @@ def _crop_dct_scaled(data: bytes, width: int, height: int, box, size: int) -> np
         return None
     if pixels.shape[:2] != shape:  # not the scale asked for: let PIL decode it instead
         return None
-    return _resize_box(Image.fromarray(pixels), _scaled(box, factor), size)
+    return _resize_crop(pixels, _scaled(box, factor), size)
 
 
 def _crop_pil(data: bytes, draws, scale, size: int) -> np.ndarray:
     """`random_square_crop` through PIL: JPEGs draft-decoded at 1, 1/2, 1/4 or 1/8."""
     with _bad_image():
         img = _open(data)
-        if img.format != "JPEG":  # no DCT: decode whole, reduce by an integer factor if large
+        if img.format != "JPEG":  # no DCT scaling: decoded whole
             img = _load_rgb(img)
-            box, reduce, gap = _square_box(img.width, img.height, draws, scale), 1, _REDUCING_GAP
+            box, reduce = _square_box(img.width, img.height, draws, scale), 1
         else:
             width, height = img.size
             if _orientation(img) in _TRANSPOSED:
                 width, height = height, width
-            box, reduce, gap = _square_box(width, height, draws, scale), 8, None
+            box, reduce = _square_box(width, height, draws, scale), 8
             while reduce > 1 and (box[2] - box[0]) / reduce < size:
                 reduce //= 2
             if reduce > 1 and img.draft("RGB", (img.width // reduce, img.height // reduce)) is None:
@@ -257,19 +281,22 @@ def _crop_pil(data: bytes, draws, scale, size: int) -> np.ndarray:
             # A reduced EXIF-rotated image is turned as a whole: its crop may shift by less
             # than one reduced pixel where the size is not a multiple of `reduce`.
             img = _load_rgb(img)
-    return _resize_box(img, _scaled(box, 1 / reduce), size, gap)
+    return _resize_crop(np.asarray(img), _scaled(box, 1 / reduce), size)
 
 
 def random_square_crop(
     data: bytes, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.9, 1.0)
 ) -> np.ndarray:
     """CLIP training augmentation of encoded image bytes: a random square crop, resized to
-    size x size (bicubic, never upsampled by the decoder). Returns uint8 [size, size, 3].
+    size x size (OpenCV, bicubic below a 1.5x shrink; never upsampled by the decoder).
+    Returns uint8 [size, size, 3].
 
     The crop's area is a fraction u ~ U(scale) of the largest square that fits (side =
     shorter side * sqrt(u)), placed uniformly at random in the upright image. Deterministic
     given the rng state: three draws, the same as `rng.uniform(lo, hi)`, `rng.uniform(0,
-    width - side)`, `rng.uniform(0, height - side)`. Raises BadImage like `decode_rgb`.
+    width - side)`, `rng.uniform(0, height - side)`; the box is then rounded to whole pixels
+    of the image as decoded (at most half a decoded pixel per edge). Raises BadImage like
+    `decode_rgb`.
     """
     draws = rng.random(3).tolist()
     plain = _plain_jpeg_size(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from clip_jax import storage
 from clip_jax.data import paths
 from clip_jax.data.prepare import ensure_prepared, not_prepared_error, prepared_dir
 
@@ -48,7 +49,12 @@ class Source:
     def get(self, indices: Sequence[int]) -> list[dict]:
         if self._ds is None:
             self._ds = _open(self.name, self.split, self.data_dir)
-        return list(self._ds.__getitems__([int(i) for i in indices]))
+        indices = [int(i) for i in indices]
+        if storage.is_remote(self.data_dir):  # array_record's parallel read hides the latency
+            return list(self._ds.__getitems__(indices))
+        # From a local disk, one read at a time costs less CPU than the parallel read and its
+        # thread hand-offs (benchmarks/input_pipeline.py prints both).
+        return [self._ds[i] for i in indices]
 
 
 def record_captions(record: dict) -> list[str]:
