@@ -39,18 +39,22 @@ def final_params(c, workdir):
     return jax.device_get(state.params)
 
 
-def start_training(workdir, data_dir, *overrides) -> subprocess.Popen:
-    command = [
+def train_command(workdir, data_dir, *overrides) -> list[str]:
+    """`python -m clip_jax.train` on the demo's smoke variant; it inherits XLA_FLAGS from
+    conftest: the same 8 simulated devices as the in-process reference."""
+    return [
         sys.executable,
         "-m",
         "clip_jax.train",
         f"--config={DEMO}:smoke",
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
-        f"--config.total_steps={TOTAL_STEPS}",
         *overrides,
     ]
-    # Inherits XLA_FLAGS from conftest: the same 8 simulated devices as the reference.
+
+
+def start_training(workdir, data_dir, *overrides) -> subprocess.Popen:
+    command = train_command(workdir, data_dir, f"--config.total_steps={TOTAL_STEPS}", *overrides)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -10,11 +10,10 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 
 import chex
 import pytest
-from one_process import final_params, losses_by_step
+from one_process import final_params, losses_by_step, train_command
 from test_train import DEMO, smoke
 
 from clip_jax import train as train_lib
@@ -62,15 +61,8 @@ def truncate_loader_json(step_dir):
 
 
 def resume(workdir, data_dir):
-    command = [
-        sys.executable,
-        "-m",
-        "clip_jax.train",
-        f"--config={DEMO}:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        *(f"--config.{key}={value}" for key, value in OVERRIDES.items()),
-    ]
+    overrides = (f"--config.{key}={value}" for key, value in OVERRIDES.items())
+    command = train_command(workdir, data_dir, *overrides)
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
