@@ -22,7 +22,7 @@ from clip_jax.data.tokenizer import TOKENIZER_KINDS
 from clip_jax.errors import UserError
 from clip_jax.eval.schema import RANGES as EVAL_RANGES
 from clip_jax.eval.schema import config_schema
-from clip_jax.models.clip import attention_head_dims
+from clip_jax.models.clip import attention_shapes
 from clip_jax.models.layers import (
     ACTIVATIONS,
     ATTENTION_IMPLS,
@@ -349,10 +349,10 @@ def validate(
 
 
 def _check_cudnn_attention(model: ml_collections.ConfigDict) -> None:
-    """model.attention='cudnn' on this run's devices, compute dtype and both towers' heads."""
+    """model.attention='cudnn' on this run's devices, compute dtype and both towers' shapes."""
     named = get_config(model.name)
-    for head_dim in attention_head_dims(named):
-        problem = cudnn_attention_problem(model.dtype, head_dim)
+    for seq_len, head_dim in attention_shapes(named):
+        problem = cudnn_attention_problem(model.dtype, seq_len, head_dim)
         if problem:
             raise ConfigError(
                 f"model.attention='cudnn' does not apply to {model.name} here: {problem}; "

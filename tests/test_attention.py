@@ -10,7 +10,7 @@ import pytest
 from test_cli_errors import assert_one_line_error, train_cli
 
 from clip_jax import config as config_lib
-from clip_jax.models.clip import attention_head_dims
+from clip_jax.models.clip import attention_shapes
 from clip_jax.models.layers import attention, cudnn_attention_problem
 from clip_jax.models.registry import get_config
 
@@ -52,27 +52,33 @@ def _gpu(capability, kind="NVIDIA H100 80GB HBM3"):
 
 
 @pytest.mark.parametrize(
-    "device, dtype, head_dim, words",
+    "device, dtype, seq_len, head_dim, words",
     [
-        (None, "bfloat16", 64, "needs an NVIDIA GPU, not cpu"),  # this machine's CPU
-        (_gpu("gfx90a", "AMD Instinct MI250X"), "bfloat16", 64, "needs an NVIDIA GPU"),
-        (_gpu("7.0", "Tesla V100"), "bfloat16", 64, "compute capability >= 8.0"),
-        (_gpu("9.0"), "float32", 64, "bfloat16 or float16"),
-        (_gpu("9.0"), "bfloat16", 100, "multiple of 8"),
-        (_gpu("8.0"), "bfloat16", 256, "at most 128"),
-        (_gpu("9.0"), "bfloat16", 64, ""),
-        (_gpu("8.6"), jnp.float16, 128, ""),
+        (None, "bfloat16", 50, 64, "needs an NVIDIA GPU, not cpu"),  # this machine's CPU
+        (_gpu("gfx90a", "AMD Instinct MI250X"), "bfloat16", 50, 64, "needs an NVIDIA GPU"),
+        (_gpu("7.0", "Tesla V100"), "bfloat16", 50, 64, "compute capability >= 8.0"),
+        (_gpu("9.0"), "float32", 50, 64, "bfloat16 or float16"),
+        (_gpu("9.0"), "bfloat16", 50, 100, "multiple of 8"),
+        (_gpu("8.0"), "bfloat16", 50, 256, "at most 128"),
+        # What jax 0.11.2 refused on an H200: the text tower's 77 tokens, ViT-B/16's 197.
+        (_gpu("9.0", "NVIDIA H200"), "bfloat16", 77, 64, "even sequence length to train, not 77"),
+        (_gpu("9.0", "NVIDIA H200"), "bfloat16", 197, 64, "not 197"),
+        (_gpu("9.0"), "bfloat16", 50, 64, ""),
+        (_gpu("8.6"), jnp.float16, 256, 128, ""),
     ],
 )
-def test_where_cudnn_attention_applies(device, dtype, head_dim, words):
-    problem = cudnn_attention_problem(dtype, head_dim, device)
+def test_where_cudnn_attention_applies(device, dtype, seq_len, head_dim, words):
+    problem = cudnn_attention_problem(dtype, seq_len, head_dim, device)
     assert (problem == "") == (words == "")
     assert words in problem
 
 
-def test_head_dims_of_vit_and_resnet_towers():
-    assert attention_head_dims(get_config("ViT-L/14")) == (64, 64)  # 1024/16, 768/12
-    assert attention_head_dims(get_config("RN50")) == (64, 64)  # 32*64/32 pool, 512/8
+def test_attention_shapes_of_vit_and_resnet_towers():
+    # (sequence length, head dim): ViT (224/14)^2 patches + class token, 1024/16 and 768/12;
+    # RN50's pool over (224/32)^2 + mean token, 32*64/32; text 77 tokens, 512/8.
+    assert attention_shapes(get_config("ViT-L/14")) == ((257, 64), (77, 64))
+    assert attention_shapes(get_config("ViT-B/32")) == ((50, 64), (77, 64))
+    assert attention_shapes(get_config("RN50")) == ((50, 64), (77, 64))
 
 
 def test_cudnn_attention_off_an_nvidia_gpu_is_a_config_error():

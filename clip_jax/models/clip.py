@@ -214,12 +214,16 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
-def attention_head_dims(config: CLIPConfig) -> tuple[int, int]:
-    """The head dim of the image tower's attention (a ViT's blocks, a ResNet's attention
-    pool over 32 x width channels) and of the text tower's."""
+def attention_shapes(config: CLIPConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(sequence length, head dim) of the image tower's attention (a ViT's blocks over the
+    patches and the class token; a ResNet's attention pool over the 32x-reduced grid, 32 x
+    width channels, and its mean token) and of the text tower's (the full context)."""
     v, t = config.vision, config.text
-    pool_width = v.width if v.kind == "vit" else 32 * v.width
-    return pool_width // v.heads, t.width // t.heads
+    if v.kind == "vit":
+        image = ((v.image_size // v.patch_size) ** 2 + 1, v.width // v.heads)
+    else:
+        image = ((v.image_size // 32) ** 2 + 1, 32 * v.width // v.heads)
+    return image, (t.context_length, t.width // t.heads)
 
 
 # ---------------------------------------------------------------- the model

@@ -297,10 +297,11 @@ _CUDNN_DTYPES = ("bfloat16", "float16")
 _CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; 128 holds on every GPU cuDNN's kernel runs on
 
 
-def cudnn_attention_problem(dtype: Any, head_dim: int, device: Any = None) -> str:
-    """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot run here ('' when
+def cudnn_attention_problem(dtype: Any, seq_len: int, head_dim: int, device: Any = None) -> str:
+    """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot train here ('' when
     it can): it needs an NVIDIA GPU of compute capability 8.0 or newer (``device``, default the
-    first device), 16-bit compute and a head dim that is a multiple of 8, at most 128."""
+    first device), 16-bit compute, an even sequence length and a head dim that is a multiple
+    of 8, at most 128."""
     device = jax.devices()[0] if device is None else device
     capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
     try:
@@ -319,6 +320,10 @@ def cudnn_attention_problem(dtype: Any, head_dim: int, device: Any = None) -> st
             f"cuDNN attention needs a head dim that is a multiple of 8 and at most "
             f"{_CUDNN_MAX_HEAD_DIM}, not {head_dim}"
         )
+    if seq_len % 2:
+        # jax 0.11.2 on an H200 stopped every odd length in the backward pass ("Unsupported
+        # sequence length Q 77, KV 77"): CLIP's text (77), ViT-B/16 (197) and L/14 (257).
+        return f"cuDNN attention needs an even sequence length to train, not {seq_len}"
     return ""
 
 
@@ -339,7 +344,7 @@ def attention(q, k, v, causal: bool, implementation: str = "auto") -> jax.Array:
     """``softmax(q k^T / sqrt(head_dim)) v`` over ``[B, L, heads, head_dim]``; logits and
     softmax in float32. ``implementation``: one of ``ATTENTION_IMPLS``."""
     if implementation == "auto":
-        usable = not cudnn_attention_problem(q.dtype, q.shape[-1])
+        usable = not cudnn_attention_problem(q.dtype, q.shape[1], q.shape[-1])
         implementation = "cudnn" if usable else "xla"
     if implementation == "cudnn":
         return _cudnn_attention(q, k, v, causal)
