@@ -82,6 +82,10 @@ def defaults() -> ml_collections.ConfigDict:
     # Gradient caching (clip_jax/grad_cache.py): examples PER DEVICE embedded and
     # back-propagated at a time; the loss still sees the whole global batch. 0 = off.
     c.micro_batch_size = 0
+    # With gradient caching: False puts each global batch on the devices whole and the step
+    # slices it; True feeds the step micro-batch by micro-batch, each one twice (embed, then
+    # back-propagate; decoded twice), so no device and no host ever holds the global batch.
+    c.stream_micro_batches = False
     c.total_steps = 1000
     c.log_every = 10
     c.max_bad_steps = 5  # non-finite steps in a row before the run stops
@@ -279,6 +283,11 @@ def validate(
     if config.micro_batch_size < 0:
         raise ConfigError(
             f"micro_batch_size={config.micro_batch_size} must be >= 0 (0 = gradient caching off)"
+        )
+    if config.stream_micro_batches and not config.micro_batch_size:
+        raise ConfigError(
+            "stream_micro_batches=True feeds gradient caching's micro-batches: set "
+            "micro_batch_size (examples per device) too, or stream_micro_batches=False"
         )
     for key, allowed in RANGES.items():
         _check_range(key, _lookup(config, key), allowed)

@@ -6,6 +6,7 @@ step that training runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -167,6 +168,32 @@ def locked_value_and_grad(compute: Callable, frozen_tower: str) -> Callable:
     return value_and_grad
 
 
+def _apply_gradients(tx, schedule, state: TrainState, loss, metrics, grads):
+    """(new state, metrics): one optimizer update, skipped (only the counters move) when
+    the loss or the gradient is not finite."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+    )
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": _tree_norm(new_state.params),
+        "lr": schedule(state.step),
+        "finite": finite.astype(jnp.float32),
+        "bad_steps": new_state.bad_steps,
+    }
+    return new_state, metrics
+
+
 def make_train_step(
     model: CLIP,
     tx: optax.GradientTransformation,
@@ -196,28 +223,7 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
         (loss, metrics), grads = value_and_grad(state.params, state.model_state, batch)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A step with a non-finite loss or gradient changes nothing but the counters.
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = state.replace(
-            step=state.step + 1,
-            params=jax.tree.map(keep, params, state.params),
-            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-            bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
-        )
-        metrics = {
-            **metrics,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "param_norm": _tree_norm(new_state.params),
-            "lr": schedule(state.step),
-            "finite": finite.astype(jnp.float32),
-            "bad_steps": new_state.bad_steps,
-        }
-        return new_state, metrics
+        return _apply_gradients(tx, schedule, state, loss, metrics, grads)
 
     batch_sharding = sharding.batch_sharding(mesh)
     return jax.jit(
@@ -226,6 +232,40 @@ def make_train_step(
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def make_streamed_train_step(
+    model: CLIP,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    schedule: optax.Schedule,
+    shardings: TrainState,
+    mesh,
+    micro_batch_size: int,
+    frozen_tower: str = "",
+):
+    """The gradient-cached step of `make_train_step`, fed micro-batch by micro-batch.
+
+    Returns `step(state, first_pass, second_pass, micro_batches) -> (state, metrics)`: it
+    reads `micro_batches` global micro-batches from each iterator (the same batches, in the
+    same order: `clip_jax.grad_cache.StreamedGradients`) and donates `state`.
+    """
+    gradients = grad_cache.StreamedGradients(
+        model, make_objective(loss_fn), mesh, micro_batch_size, frozen_tower, shardings.params
+    )
+    update = jax.jit(
+        functools.partial(_apply_gradients, tx, schedule),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    def step(state: TrainState, first_pass, second_pass, micro_batches: int):
+        (loss, metrics), grads = gradients(
+            state.params, state.model_state, first_pass, second_pass, micro_batches
+        )
+        return update(state, loss, metrics, grads)
+
+    return step
 
 
 def make_eval_step(model: CLIP, loss_fn: Callable, shardings: TrainState, mesh):

@@ -140,6 +140,15 @@ def _report_truncation(run: Run, sample: int = 1000) -> None:
         )
 
 
+def _micro_batches(run: Run) -> int:
+    """Micro-batches per step that the loader hands out one at a time (1: whole batches)."""
+    c = run.config
+    if not c.stream_micro_batches:
+        return 1
+    shards = math.prod(run.mesh.shape[a] for a in sharding.BATCH_AXES)
+    return c.batch_size // shards // c.micro_batch_size
+
+
 def _train_loader(run: Run) -> pipeline.TrainLoader:
     c = run.config
     return pipeline.train_loader(
@@ -154,6 +163,7 @@ def _train_loader(run: Run) -> pipeline.TrainLoader:
         num_workers=c.data.num_workers,
         num_threads=c.data.num_threads,
         prefetch=c.data.prefetch,
+        slices=_micro_batches(run),
     )
 
 
@@ -379,16 +389,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     abstract = step_lib.abstract_train_state(model, run.tx, mesh, config.mesh.rules)
     shardings = step_lib.state_shardings(abstract)
-    train_step = step_lib.make_train_step(
-        model,
-        run.tx,
-        loss_fn,
-        schedule,
-        shardings,
-        mesh,
-        config.micro_batch_size,
-        config.optim.freeze,
-    )
+    step_args = (model, run.tx, loss_fn, schedule, shardings, mesh, config.micro_batch_size)
+    if config.stream_micro_batches:
+        streamed_step = step_lib.make_streamed_train_step(*step_args, config.optim.freeze)
+    else:
+        train_step = step_lib.make_train_step(*step_args, config.optim.freeze)
     eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
     loader = _train_loader(run)
     ckpt = Checkpointer(
@@ -398,6 +403,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         async_save=config.checkpoint.async_save,
     )
     state, start = _restore_or_init(run, abstract, ckpt, loader)
+    micro_batches = _micro_batches(run)
+    if config.stream_micro_batches:  # the second pass reads the same micro-batches again
+        second_loader = _train_loader(run)
+        second_loader.set_state(loader.get_state())
     val_batch_size = _validation_batch_size(run)
 
     writer = MetricWriter(workdir, config.total_steps, resume_step=start)
@@ -413,6 +422,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     # The loader reads ahead of the steps; `feed` knows its state after the batches used.
     feed = DevicePrefetch(loader, mesh, config.data.device_prefetch)
+    if config.stream_micro_batches:
+        second_feed = DevicePrefetch(second_loader, mesh, config.data.device_prefetch)
+
+    def timed(micro_batches_feed):  # every wait for a micro-batch counts as waiting for data
+        while True:
+            with window.waiting_for_data():
+                micro_batch = next(micro_batches_feed)
+            yield micro_batch
+
+    def advance(state):
+        if config.stream_micro_batches:
+            return streamed_step(state, timed(feed), timed(second_feed), micro_batches)
+        with window.waiting_for_data():
+            batch = next(feed)
+        return train_step(state, batch)
+
     profiler = profiling.StepProfiler(config.profile_steps, workdir)
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
@@ -421,9 +446,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         while step < config.total_steps:
             profiler.before_step(step + 1)  # the trace shows the wait for input too
-            with window.waiting_for_data():
-                batch = next(feed)
-            state, metrics = train_step(state, batch)
+            state, metrics = advance(state)
             step += 1
             window.steps += 1
             profiler.after_step(step, metrics)

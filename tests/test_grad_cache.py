@@ -174,6 +174,51 @@ def test_a_locked_tower_stays_bitwise_unchanged_and_the_other_matches_the_plain_
     chex.assert_trees_all_close(cached, plain, atol=1e-5, rtol=0)
 
 
+def _train_streamed(name, kind, micro_batch_size, freeze="", steps=3):
+    """`_train` with the step fed micro-batch by micro-batch: micro-batch i of each global
+    batch is its rows [i*M, (i+1)*M) for M = 8 devices x micro_batch_size, read twice."""
+    model, mesh, cfg, tx, abstract, initial = _initial(name, kind, freeze)
+    state = jax.tree.map(jnp.copy, initial)
+    step = step_lib.make_streamed_train_step(
+        model,
+        tx,
+        losses.make_loss(kind, mesh, "ring"),
+        optim.schedule(cfg, 10),
+        step_lib.state_shardings(abstract),
+        mesh,
+        micro_batch_size,
+        freeze,
+    )
+    rows, count = micro_batch_size * mesh.devices.size, PER_DEVICE // micro_batch_size
+
+    def micro_batches(batch):
+        host = jax.device_get(batch)
+        for i in range(count):
+            micro = {k: v[i * rows : (i + 1) * rows] for k, v in host.items()}
+            yield jax.device_put(micro, sharding.batch_sharding(mesh))
+
+    seen = []
+    for batch in _batches(mesh, steps):
+        state, metrics = step(state, micro_batches(batch), micro_batches(batch), count)
+        seen.append(float(metrics["loss"]))
+    return jax.device_get(state.params), seen
+
+
+@pytest.mark.parametrize(
+    "name,kind,freeze", [("tiny-vit", "sigmoid", ""), ("tiny-rn", "softmax", "image")]
+)
+def test_three_streamed_steps_match_the_plain_step(name, kind, freeze):
+    """2 and 8 micro-batches per device, each a separate device array fed from the host."""
+    plain, plain_losses = _train(name, kind, 0, freeze=freeze)
+    for micro_batch_size in (4, 1):
+        streamed, streamed_losses = _train_streamed(name, kind, micro_batch_size, freeze)
+        np.testing.assert_allclose(streamed_losses, plain_losses, rtol=1e-6)
+        chex.assert_trees_all_close(streamed, plain, atol=1e-5, rtol=0)
+    if freeze:
+        initial, _ = _train(name, kind, 0, steps=0)
+        chex.assert_trees_all_equal(streamed["visual"], initial["visual"])
+
+
 def test_micro_batches_take_rows_from_every_device_without_moving_them():
     """Pure data parallelism: the cached step has no all-gather and no all-to-all at all."""
     model, mesh = _model("tiny-vit", "softmax"), _mesh(fsdp=1)

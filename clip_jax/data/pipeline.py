@@ -13,6 +13,10 @@ j < b = B/S. Hence:
 The loader state is {'next_batch': k, ...}: a small JSON-able dict. Restoring it rebuilds
 the grain pipeline from batch k; the worker count may differ between save and restore.
 
+With `slices=n` (a gradient-cached step fed micro-batch by micro-batch) each host batch
+leaves the loader as n consecutive slices of b/n rows: the same examples and pixels, so the
+global batch, the loader state and a resume between steps do not depend on n.
+
 Corrupt images met while training are replaced by a record drawn from the position's own
 generator (deterministic and resumable) and counted in `loader.num_replaced`. Evaluation
 never substitutes: a corrupt image gets mask False and is counted in `num_corrupt`.
@@ -89,14 +93,16 @@ class _TrainBatch:
     image_size: int
     crop_scale: tuple[float, float]
     tokenizer: TextEncoder
+    slices: int = 1  # each batch k is read as slices k*n .. k*n+n-1
 
     def positions(self, k: int) -> list[int]:
         b, s = self.host_batch, self.shard_count
         return [(k * b + j) * s + self.shard_index for j in range(b)]
 
-    def __call__(self, k: int) -> dict:
-        size = self.image_size
-        positions = self.positions(k)
+    def __call__(self, q: int) -> dict:
+        """Slice q: rows [i*b/n, (i+1)*b/n) of this host's batch k, for k, i = divmod(q, n)."""
+        size, (k, i), rows = self.image_size, divmod(q, self.slices), self.host_batch // self.slices
+        positions = self.positions(k)[i * rows : (i + 1) * rows]
         records = self.source.get([self.order[p] for p in positions])
         n = len(self.source)
         out = np.empty((len(positions), size, size, 3), np.uint8)
@@ -199,7 +205,8 @@ class TrainLoader:
 
     Attributes: host_batch_size, batches_per_epoch (global batches in one pass over the
     split), num_batches (None when endless), num_replaced (corrupt images substituted so
-    far, including before a restore), next_batch.
+    far, including before a restore), next_batch (the first batch not wholly handed out),
+    slices (host batches are handed out in this many slices of host_batch_size / slices).
     """
 
     def __init__(
@@ -217,12 +224,18 @@ class TrainLoader:
         prefetch: int,
         shard_index: int,
         shard_count: int,
+        slices: int = 1,
     ):
         n = len(source)
         if global_batch_size % shard_count:
             raise DataError(
                 f"global_batch_size {global_batch_size} is not divisible by "
                 f"shard_count {shard_count}"
+            )
+        if slices < 1 or (global_batch_size // shard_count) % slices:
+            raise DataError(
+                f"the host batch {global_batch_size // shard_count} is not divisible into "
+                f"{slices} slices"
             )
         if n == 0:
             raise DataError(f"split {source.name}/{source.split} is empty")
@@ -263,12 +276,17 @@ class TrainLoader:
             int(image_size),
             (float(lo), float(hi)),
             tokenizer,
+            slices,
         )
         self._workers, self._threads, self._prefetch = num_workers, num_threads, prefetch
-        self.shard_index, self.shard_count = shard_index, shard_count
-        self.next_batch = 0
+        self.shard_index, self.shard_count, self.slices = shard_index, shard_count, slices
+        self._next_slice = 0
         self.num_replaced = 0
         self._it = None
+
+    @property
+    def next_batch(self) -> int:
+        return self._next_slice // self.slices
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -279,14 +297,15 @@ class TrainLoader:
         return self.num_batches
 
     def __next__(self) -> dict:
-        if self.next_batch >= self._stop:
+        stop = self._stop * self.slices
+        if self._next_slice >= stop:
             raise StopIteration
         if self._it is None:
             self._it = _grain_iter(
-                self._fn, self.next_batch, self._stop, self._workers, self._threads, self._prefetch
+                self._fn, self._next_slice, stop, self._workers, self._threads, self._prefetch
             )
         batch = next(self._it)
-        self.next_batch += 1
+        self._next_slice += 1
         self.num_replaced += int(batch.pop("_replaced"))
         return batch
 
@@ -295,7 +314,8 @@ class TrainLoader:
         return [int(self._fn.order[p]) for p in self._fn.positions(k)]
 
     def get_state(self) -> dict:
-        """JSON-able; the same for every host (shard_index is not part of it)."""
+        """JSON-able; the same for every host (shard_index is not part of it). Taken between
+        the slices of a batch, it points at that batch's start: resumes are between steps."""
         return {
             "version": STATE_VERSION,
             "next_batch": self.next_batch,
@@ -321,7 +341,7 @@ class TrainLoader:
                     f"{state.get(key)!r} in the state but {mine[key]!r} here"
                 )
         self.close()
-        self.next_batch = int(state["next_batch"])
+        self._next_slice = int(state["next_batch"]) * self.slices
         self.num_replaced = int(state.get("num_replaced", 0))
 
     def close(self) -> None:
@@ -352,6 +372,7 @@ def train_loader(
     num_threads: int = 1,
     shard_index: int | None = None,
     shard_count: int | None = None,
+    slices: int = 1,
 ) -> TrainLoader:
     """Training batches for this host (see the module docstring for the sampling rules).
 
@@ -359,7 +380,8 @@ def train_loader(
     processes (0: decode in this process). num_threads: threads building batches in each
     process (0, or prefetch 0 without workers: in the caller's thread); the decoders release
     the GIL, so threads scale without pickling batches between processes.
-    shard_index/shard_count default to jax.process_index()/process_count().
+    shard_index/shard_count default to jax.process_index()/process_count(). slices: each
+    host batch is handed out in this many consecutive slices (see the module docstring).
     Raises DatasetNotPreparedError (with the command to run) if the split is missing.
     """
     if tokenizer is None:
@@ -379,6 +401,7 @@ def train_loader(
         prefetch=prefetch,
         shard_index=shard_index,
         shard_count=shard_count,
+        slices=slices,
     )
 
 
