@@ -272,3 +272,10 @@ def test_evaluate_a_damaged_checkpoint(trained_workdir, tmp_path):
     os.truncate(loader_json, os.path.getsize(loader_json) // 2)
     done = run_cli("clip_jax.evaluate", f"--workdir={workdir}", "--tasks=zeroshot:clip_demo@test")
     assert_one_line_error(done, "checkpoint step 1 does not restore", "JSONDecodeError")
+
+
+def test_streaming_without_gradient_caching(demo_data_dir, tmp_path):
+    done = train_cli(tmp_path, demo_data_dir, "--config.stream_micro_batches=True")
+    assert_one_line_error(
+        done, "stream_micro_batches=True", "set micro_batch_size", workdir=str(tmp_path)
+    )
