@@ -3,6 +3,7 @@
     python benchmarks/batch_scaling.py                    # tiny-vit, 8 simulated devices
     python benchmarks/batch_scaling.py --micro=off,64     # 'off' = the plain step
     python benchmarks/batch_scaling.py --run_step         # + one real step at 65,536
+    python benchmarks/batch_scaling.py --stream           # + the streamed step's memory
 
 Compiles (does not run) the real train step (`clip_jax.step.make_train_step`, the ring loss
 folded in `--chunk_size` chunks) for every global batch x micro-batch size (rows per device)
@@ -12,7 +13,14 @@ step holds one micro-batch's activations plus the embeddings and their gradients
 for `b` rows per device, so at fixed micro-batch it grows only by that term; the plain step
 holds every example's activations. CPU buffer assignment, not an accelerator's: compare rows
 with each other (`benchmarks/activation_memory.py` gives the per-example activation memory).
-`--run_step` then runs one optimizer step at `--run_batch` on the host CPU and prints its time.
+`--run_step` then runs one optimizer step at `--run_batch` on the host CPU and prints its time
+(with `--stream`, also the streamed step's, in the same process).
+
+`--stream` adds a second table: per-device memory held at the peak, temporaries plus
+arguments (state, and the input batch: a 224-px example is 150,836 bytes, the tiny model's
+32-px one 3,136), of the gradient-cached step with the whole batch on the devices against
+the streamed step (`stream_micro_batches=True`: `grad_cache.StreamedGradients`, the largest
+of its phases).
 """
 
 import argparse
@@ -29,6 +37,7 @@ _p.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
 _p.add_argument("--run_step", action="store_true", help="also time one real optimizer step")
 _p.add_argument("--run_batch", type=int, default=65536)
 _p.add_argument("--run_micro", type=int, default=512)
+_p.add_argument("--stream", action="store_true", help="also the streamed step's memory")
 ARGS = _p.parse_args()
 
 use_cpu_devices(ARGS.devices)  # before jax is imported
@@ -40,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clip_jax import config as config_lib  # noqa: E402
-from clip_jax import losses, optim, sharding  # noqa: E402
+from clip_jax import grad_cache, losses, optim, sharding  # noqa: E402
 from clip_jax import step as step_lib  # noqa: E402
 
 MIB = 2**20
@@ -89,6 +98,30 @@ class Step:
     def compile(self):
         return self.step.lower(self.abstract, self.batch).compile()
 
+    def streamed(self) -> grad_cache.StreamedGradients:
+        return grad_cache.StreamedGradients(
+            self.model,
+            step_lib.make_objective(self.loss_fn),
+            self.mesh,
+            self.config.micro_batch_size,
+            param_shardings=step_lib.state_shardings(self.abstract).params,
+        )
+
+    def micro_batches(self) -> int:
+        return self.config.batch_size // jax.device_count() // self.config.micro_batch_size
+
+    def streamed_peak(self) -> int:
+        """Bytes per device (temporaries + arguments) of the largest streamed phase."""
+        rows = self.config.micro_batch_size * jax.device_count()
+        micro = {
+            k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=v.sharding)
+            for k, v in self.batch.items()
+        }
+        lowered = self.streamed().lower(
+            self.abstract.params, self.abstract.model_state, micro, self.micro_batches()
+        )
+        return max(_resident(low.compile()) for low in lowered.values())
+
     def loss_temp(self) -> int:
         """Temporary bytes per device of the loss + its gradient alone, on this batch."""
         rows = sharding.batch_sharding(self.mesh)
@@ -101,6 +134,27 @@ class Step:
         return (
             jax.jit(fn).lower(emb, emb, scalar, bias).compile().memory_analysis().temp_size_in_bytes
         )
+
+
+def _resident(compiled) -> int:
+    memory = compiled.memory_analysis()
+    return memory.temp_size_in_bytes + memory.argument_size_in_bytes
+
+
+def stream_table():
+    batches = [int(b) for b in ARGS.batches.split(",")]
+    micro = ARGS.run_micro
+    print(
+        f"\nmicro-batch {micro} per device: temporaries + arguments per device (MiB), the "
+        "whole batch on the devices against streamed micro-batches"
+    )
+    print(f"{'global batch':>12} {'whole batch':>12} {'streamed':>10}")
+    for batch in batches:
+        if micro > batch // jax.device_count():
+            continue
+        step = Step(experiment(batch, micro))
+        whole, streamed = _resident(step.compile()), step.streamed_peak()
+        print(f"{batch:>12,} {whole / MIB:>12.1f} {streamed / MIB:>10.1f}", flush=True)
 
 
 def table():
@@ -163,10 +217,34 @@ def run_step():
         f"{time.perf_counter() - t0:.1f} s (compile {compile_s:.1f} s), loss {loss:.4f} "
         f"(log {ARGS.run_batch:,} = {np.log(ARGS.run_batch):.4f})"
     )
+    if not ARGS.stream:
+        return
+    # The same step fed micro-batch by micro-batch, from host copies of the same batch.
+    host = jax.device_get(batch)
+    rows, count = ARGS.run_micro * jax.device_count(), step.micro_batches()
+
+    def micro_batches():
+        for i in range(count):
+            micro = {k: v[i * rows : (i + 1) * rows] for k, v in host.items()}
+            yield jax.device_put(micro, sharding.batch_sharding(step.mesh))
+
+    streamed = step.streamed()
+    for label in ("compile + first", "second"):  # the first call compiles the phases
+        t0 = time.perf_counter()
+        (loss, _), grads = streamed(
+            state.params, state.model_state, micro_batches(), micro_batches(), count
+        )
+        jax.block_until_ready(grads)
+        print(
+            f"streamed gradients ({count} micro-batches of {rows:,}), {label} call: "
+            f"{time.perf_counter() - t0:.1f} s, loss {float(loss):.4f}"
+        )
 
 
 if __name__ == "__main__":
     jax.config.update("jax_threefry_partitionable", True)
     table()
+    if ARGS.stream:
+        stream_table()
     if ARGS.run_step:
         run_step()

@@ -220,15 +220,15 @@ class StreamedGradients:
         self._combine = jax.jit(phases.combine)
 
     def __call__(self, params, model_state, first_pass, second_pass, micro_batches: int):
-        embedded, shapes = [], None
+        embedded = []
         for _ in range(micro_batches):
             micro = next(first_pass)
-            shapes = micro
             embedded.append(self._embed(params, model_state, micro["image"], micro["text"]))
         stacked = {key: jnp.stack([e[key] for e in embedded]) for key in embedded[0]}
         del embedded
+        # The last micro-batch stands in for the batch's shapes (only zero rows are used).
         out, cotangents, shared_grads = self._loss(
-            params, model_state, stacked, shapes["image"], shapes["text"]
+            params, model_state, stacked, micro["image"], micro["text"]
         )
         del stacked
         acc = self._zeros(params)
@@ -238,3 +238,33 @@ class StreamedGradients:
                 acc, params, model_state, micro["image"], micro["text"], cotangents, k
             )
         return out, self._combine(params, acc, shared_grads)
+
+    def lower(self, params, model_state, micro: dict, micro_batches: int) -> dict:
+        """{'embed', 'loss', 'pull_back': jax.stages.Lowered} for abstract (or concrete)
+        arguments: what each phase compiles to, for sizing without running anything."""
+        images, tokens = micro["image"], micro["text"]
+        embedded = jax.eval_shape(self._phases.embed, params, model_state, images, tokens)
+        stacked_sharding = NamedSharding(self._phases.rows.mesh, P(None, sharding.BATCH_AXES))
+        stacked = {
+            k: jax.ShapeDtypeStruct((micro_batches, *v.shape), v.dtype, sharding=stacked_sharding)
+            for k, v in embedded.items()
+        }
+        _, cotangents, _ = jax.eval_shape(
+            self._phases.loss, params, model_state, stacked, images, tokens
+        )
+        cotangents = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self._phases.rows)
+            for k, v in cotangents.items()
+        }
+        acc = jax.tree.map(  # float32, in the parameters' layout
+            lambda a, p: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=p.sharding),
+            jax.eval_shape(self._phases.zeros, params),
+            self._phases.trainable(params),
+        )
+        return {
+            "embed": self._embed.lower(params, model_state, images, tokens),
+            "loss": self._loss.lower(params, model_state, stacked, images, tokens),
+            "pull_back": self._pull_back.lower(
+                acc, params, model_state, images, tokens, cotangents, 0
+            ),
+        }

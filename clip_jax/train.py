@@ -374,6 +374,41 @@ def _evaluate(run: Run, eval_step, state, writer, step, val_batch_size) -> dict[
     return results
 
 
+def _make_advance(run: Run, loss_fn, schedule, shardings, feed: DevicePrefetch, window):
+    """`advance(state) -> (state, metrics)`: one optimizer step on the next global batch
+    from `feed`, or, with stream_micro_batches, on its micro-batches: `feed` gives them to
+    the embedding pass and a second loader, started at the same position, gives the same
+    ones again to the back-propagation pass. Every wait for input counts in `window`."""
+    c = run.config
+    args = (run.model, run.tx, loss_fn, schedule, shardings, run.mesh, c.micro_batch_size)
+    if not c.stream_micro_batches:
+        train_step = step_lib.make_train_step(*args, c.optim.freeze)
+
+        def advance(state):
+            with window.waiting_for_data():
+                batch = next(feed)
+            return train_step(state, batch)
+
+        return advance
+
+    streamed_step = step_lib.make_streamed_train_step(*args, c.optim.freeze)
+    second_loader = _train_loader(run)
+    second_loader.set_state(feed.get_state())
+    second_feed = DevicePrefetch(second_loader, run.mesh, c.data.device_prefetch)
+    micro_batches = _micro_batches(run)
+
+    def timed(micro_batch_feed):
+        while True:
+            with window.waiting_for_data():
+                micro_batch = next(micro_batch_feed)
+            yield micro_batch
+
+    def advance(state):
+        return streamed_step(state, timed(feed), timed(second_feed), micro_batches)
+
+    return advance
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) in `workdir`; returns the last logged metrics."""
     run = setup(config, workdir)
@@ -389,11 +424,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     abstract = step_lib.abstract_train_state(model, run.tx, mesh, config.mesh.rules)
     shardings = step_lib.state_shardings(abstract)
-    step_args = (model, run.tx, loss_fn, schedule, shardings, mesh, config.micro_batch_size)
-    if config.stream_micro_batches:
-        streamed_step = step_lib.make_streamed_train_step(*step_args, config.optim.freeze)
-    else:
-        train_step = step_lib.make_train_step(*step_args, config.optim.freeze)
     eval_step = step_lib.make_eval_step(model, loss_fn, shardings, mesh)
     loader = _train_loader(run)
     ckpt = Checkpointer(
@@ -403,10 +433,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         async_save=config.checkpoint.async_save,
     )
     state, start = _restore_or_init(run, abstract, ckpt, loader)
-    micro_batches = _micro_batches(run)
-    if config.stream_micro_batches:  # the second pass reads the same micro-batches again
-        second_loader = _train_loader(run)
-        second_loader.set_state(loader.get_state())
     val_batch_size = _validation_batch_size(run)
 
     writer = MetricWriter(workdir, config.total_steps, resume_step=start)
@@ -422,22 +448,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     # The loader reads ahead of the steps; `feed` knows its state after the batches used.
     feed = DevicePrefetch(loader, mesh, config.data.device_prefetch)
-    if config.stream_micro_batches:
-        second_feed = DevicePrefetch(second_loader, mesh, config.data.device_prefetch)
-
-    def timed(micro_batches_feed):  # every wait for a micro-batch counts as waiting for data
-        while True:
-            with window.waiting_for_data():
-                micro_batch = next(micro_batches_feed)
-            yield micro_batch
-
-    def advance(state):
-        if config.stream_micro_batches:
-            return streamed_step(state, timed(feed), timed(second_feed), micro_batches)
-        with window.waiting_for_data():
-            batch = next(feed)
-        return train_step(state, batch)
-
+    advance = _make_advance(run, loss_fn, schedule, shardings, feed, window)
     profiler = profiling.StepProfiler(config.profile_steps, workdir)
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
