@@ -312,10 +312,13 @@ def loader_costs(make, batches: int) -> dict[str, float]:
         lambda: [small[p] for p in positions]
     )
     indices, costs["order (1M-record split)"] = second_run(lambda: [fn.order[p] for p in positions])
-    records, costs["record read and parse"] = second_run(
+    records, costs["record read and parse (image and captions)"] = second_run(
+        lambda: [r for i in range(0, n, b) for r in fn.source.get_image_text(indices[i : i + b])]
+    )
+    _, costs["the same, every feature decoded by tfds (the old read)"] = second_run(
         lambda: [r for i in range(0, n, b) for r in fn.source.get(indices[i : i + b])]
     )
-    _, costs["the same with array_record's parallel read"] = second_run(
+    _, costs["tfds' decoding with array_record's parallel read"] = second_run(
         lambda: [fn.source._ds.__getitems__(indices[i : i + b]) for i in range(0, n, b)]
     )
     rngs, costs["per-image seed"] = second_run(

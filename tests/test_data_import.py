@@ -23,6 +23,7 @@ from clip_jax.data.errors import DataError, DatasetNotPreparedError
 from clip_jax.data.info import dataset_info, read_captions
 from clip_jax.data.pipeline import eval_loader
 from clip_jax.data.prepare import prepare_image_text
+from clip_jax.data.source import Source
 
 tfds.disable_progress_bar()
 
@@ -181,6 +182,29 @@ def test_multi_caption_rows_merge(tmp_path):
     d = str(tmp_path / "tfds")
     prepare_image_text("multi", str(tmp_path / "m" / "c.jsonl"), d, val_fraction=0, verbose=False)
     assert read_captions("multi", "train", d) == [["first", "second"], ["one", "two", "three"]]
+
+
+def test_training_read_gives_what_tfds_decodes(tmp_path, demo_data_dir):
+    """Source.get_image_text parses the stored tf.train.Example itself; tfds' own decoding
+    of every record (one and several captions, the demo's extra features) is the reference."""
+    img = Image.new("RGB", (5, 5), (9, 9, 9))
+    os.makedirs(tmp_path / "m")
+    img.save(tmp_path / "m" / "a.png")
+    img.save(tmp_path / "m" / "b.jpg")
+    (tmp_path / "m" / "c.jsonl").write_text(
+        '{"image": "a.png", "caption": "only one"}\n'
+        '{"image": "b.jpg", "caption": ["one", "two", "three"]}\n',
+        encoding="utf-8",
+    )
+    d = str(tmp_path / "tfds")
+    prepare_image_text("pairs", str(tmp_path / "m" / "c.jsonl"), d, val_fraction=0, verbose=False)
+    for name, data_dir in (("pairs", d), ("clip_demo", demo_data_dir)):
+        source = Source(name, "train", data_dir)
+        indices = list(range(len(source)))
+        for fast, full in zip(source.get_image_text(indices), source.get(indices), strict=True):
+            assert fast["image"] == full["image"]
+            assert fast["caption"] == list(full["caption"])
+        assert len(indices) > 1
 
 
 def test_bad_sources_give_one_line_errors(tmp_path):

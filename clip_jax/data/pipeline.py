@@ -103,7 +103,7 @@ class _TrainBatch:
         """Slice q: rows [i*b/n, (i+1)*b/n) of this host's batch k, for k, i = divmod(q, n)."""
         size, (k, i), rows = self.image_size, divmod(q, self.slices), self.host_batch // self.slices
         positions = self.positions(k)[i * rows : (i + 1) * rows]
-        records = self.source.get([self.order[p] for p in positions])
+        records = self.source.get_image_text([self.order[p] for p in positions])
         n = len(self.source)
         out = np.empty((len(positions), size, size, 3), np.uint8)
         texts, replaced = [], 0
@@ -115,7 +115,7 @@ class _TrainBatch:
                     break
                 except images_lib.BadImage:
                     replaced += 1
-                    rec = self.source.get([int(rng.integers(n))])[0]
+                    rec = self.source.get_image_text([int(rng.integers(n))])[0]
             else:
                 raise DataError(
                     f"{MAX_REPLACEMENTS} corrupt images in a row in "
