@@ -9,7 +9,8 @@ one extra forward pass of both towers. Sized for 8 x 80 GB (8,192 examples per d
     activations of one micro-batch, no remat            1,024 x 28.9 MiB  28.9 GiB
     embeddings and their gradients (the cache)          4 x 8,192 x 512 x 4 B  0.1 GiB
     ring loss + gradient, 1,024 x 1,024 chunks          O(b D + c^2)       0.06 GiB
-                                                                           ~32 GiB of 74.5
+    the input batch (uint8 pixels, int32 tokens)        8,192 x 150,836 B  1.2 GiB
+                                                                           ~33 GiB of 74.5
 Measured: activations by `benchmarks/activation_memory.py` (ViT-B/32, bf16, remat 'none'),
 the loss by `benchmarks/loss_memory.py --batches=65536 --impls=ring --no_time`; the rest
 of the 80 GB is room for XLA's transient buffers. `micro_batch_size=2048` (~61 GiB) also

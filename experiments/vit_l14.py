@@ -8,7 +8,8 @@ Per device (4,096 examples of the global 32,768), with gradient caching
     activations of one micro-batch, remat 'dots'      256 x 121.4 MiB       30.4 GiB
     embeddings and their gradients (the cache)        4 x 4,096 x 768 x 4 B  0.05 GiB
     loss + gradient, 'gather' (4,096 x 32,768 logits)                        3.3 GiB
-                                                                           ~41 GiB of 74.5
+    the input batch (uint8 pixels, int32 tokens)      4,096 x 150,836 B      0.6 GiB
+                                                                           ~42 GiB of 74.5
 
 Measured: activations by `benchmarks/activation_memory.py --model=ViT-L/14` (bf16; 215 MiB
 per example without remat, 121 with 'dots', 14.2 with 'full'), the loss by
