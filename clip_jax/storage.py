@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -99,6 +100,14 @@ def _load_client(kind: str, p: str) -> None:
         raise StorageError(
             f"{p}: {kind}:// paths need the {package} package; install it with: {INSTALL_HINT}"
         ) from None
+    if kind == "gs":
+        logging.getLogger("gcsfs").addFilter(_drop_retry_tracebacks)
+
+
+def _drop_retry_tracebacks(record: logging.LogRecord) -> bool:
+    # gcsfs logs a request that ran out of retries with its whole traceback, then raises it;
+    # the exception is what reaches the user, as one line with what to check.
+    return "out of retries" not in str(record.msg)
 
 
 def _point_clients_at_emulator() -> None:

@@ -226,6 +226,15 @@ def test_s3_missing_credentials_and_unreachable_endpoint(s3_url, monkeypatch):
     assert_one_line_error(status, err, f"s3://{BUCKET}/run", "unreachable", "AWS_ENDPOINT_URL")
 
 
+def test_gcs_unreachable_endpoint_is_one_line_without_the_retry_traceback():
+    """gcsfs logs a request out of retries with its traceback before raising: not shown."""
+    args = ["clip_jax.train", f"--config={DEMO}:smoke", "--workdir=gs://no-bucket/run"]
+    endpoint = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"}
+    status, err = cli_error(args, endpoint)
+    assert_one_line_error(status, err, "gs://no-bucket/run", "unreachable", "STORAGE_EMULATOR_HOST")
+    assert "out of retries" not in err
+
+
 @pytest.mark.parametrize("scheme,package", [("gs", "gcsfs"), ("s3", "s3fs")])
 def test_bucket_path_without_its_client_package(scheme, package, tmp_path):
     blocked = f"import sys; sys.modules[{package!r}] = None; "  # `import gcsfs` now fails
