@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from clip_jax import cli, pretrained
+from clip_jax import cli, pretrained, storage
 from clip_jax.data.images import BadImage
 from clip_jax.errors import UserError
 from clip_jax.eval.metrics import zero_shot_classifier
@@ -41,31 +42,44 @@ class PredictError(UserError):
 
 
 def split_list(value: str | None) -> list[str]:
-    """'a,b, c' -> ['a', 'b', 'c'] (empty entries dropped); a path to a text file -> its
-    non-empty lines."""
+    """'a,b, c' -> ['a', 'b', 'c'] (empty entries dropped); a path (or bucket URL) to a text
+    file -> its non-empty lines."""
     if not value:
         return []
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+    if _is_file(value):
+        return [line.strip() for line in storage.read_text(value).splitlines() if line.strip()]
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _is_file(value: str) -> bool:
+    if not storage.is_remote(value):
+        return os.path.isfile(value)
+    with storage.access(value, "read"):
+        return storage.path(value).is_file()
+
+
+def _image_files(folder: epath.Path) -> Iterator[str]:
+    for child in folder.iterdir():  # full paths, bucket URLs included (walk drops gs://)
+        if child.is_dir():
+            yield from _image_files(child)
+        elif child.name.lower().endswith(IMAGE_EXTENSIONS):
+            yield str(child)
+
+
 def image_paths(spec: str) -> list[str]:
-    """Files and folders (their image files, sorted, recursively) of a comma-separated list."""
+    """Files and folders (their image files, sorted, recursively) of a comma-separated list;
+    each may be a local path or a bucket URL."""
     paths = []
     for item in [v.strip() for v in (spec or "").split(",") if v.strip()]:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            )
+        with storage.access(item, "read"):
+            entry = storage.path(item) if storage.is_remote(item) else epath.Path(item)
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+            found = sorted(_image_files(entry)) if is_dir else []
+        if is_dir:
             if not found:
                 raise PredictError(f"{item}: folder holds no image files {IMAGE_EXTENSIONS}")
             paths += found
-        elif os.path.isfile(item):
+        elif is_file:
             paths.append(item)
         else:
             raise PredictError(f"{item}: no such image file or folder")
@@ -140,7 +154,7 @@ def classify(predictor: Predictor, images: np.ndarray, labels, templates) -> np.
 def _templates(spec: str | None) -> list[str]:
     if not spec:
         return ["{}"]
-    if spec in TEMPLATE_SETS or os.path.isfile(spec):
+    if spec in TEMPLATE_SETS or _is_file(spec):
         return load_templates(spec)
     return load_templates(split_list(spec))
 

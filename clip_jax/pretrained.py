@@ -111,16 +111,17 @@ def is_pretrained_dir(directory: str) -> bool:
 
 
 def read_meta(directory: str) -> dict:
-    """``config.json`` of a pretrained directory, checked."""
-    path = os.path.join(os.fspath(directory), "config.json")
-    if not os.path.isfile(path):
+    """``config.json`` of a pretrained directory (a folder or a bucket URL), checked."""
+    path = storage.join(directory, "config.json")
+    with storage.access(path, "read"):  # an unreachable bucket is one line with the fix
+        found = storage.path(path).is_file()
+    if not found:
         raise PretrainedError(
             f"{path}: not found (expected a clip_jax pretrained directory written by "
             "python -m clip_jax.convert)"
         )
     try:
-        with open(path) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise PretrainedError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -142,8 +143,10 @@ def load(directory: str) -> Pretrained:
         config = config_from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{directory}/config.json: bad 'model' entry ({e})") from None
-    params_dir = epath.Path(directory).absolute() / "params"
-    if not params_dir.exists():
+    params_dir = storage.path(directory) / "params"
+    with storage.access(params_dir, "read"):
+        found = params_dir.exists()
+    if not found:
         raise PretrainedError(f"{params_dir}: not found (the Orbax params item)")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
@@ -172,20 +175,20 @@ def make_tokenizer(spec: dict | None, directory: str = ""):
     if spec["kind"] == "clip_bpe":
         return ClipBPETokenizer(context_length=spec.get("context_length", 77))
     path = spec["path"]
-    if not os.path.isabs(path):
-        path = os.path.join(directory, path)
+    if not os.path.isabs(path) and not storage.is_remote(path):
+        path = storage.join(directory, path)
     return Tokenizer(path, context_length=spec.get("context_length", 77))
 
 
 def make_preprocess(image_size: int):
     """``preprocess(image) -> uint8 [image_size, image_size, 3]``: the evaluation transform
-    (centre square, bicubic resize). ``image``: a path, encoded bytes or a PIL image.
-    Raises ``images.BadImage`` for data that is not a decodable image."""
+    (centre square, bicubic resize). ``image``: a path (or bucket URL), encoded bytes or a
+    PIL image. Raises ``images.BadImage`` for data that is not a decodable image."""
 
     def preprocess(image) -> np.ndarray:
         if isinstance(image, (str, os.PathLike)):
-            with open(image, "rb") as f:
-                image = f.read()
+            with storage.access(image, "read"):
+                image = storage.path(image).read_bytes()
         if isinstance(image, (bytes, bytearray)):
             image = image_ops.decode_rgb(bytes(image))
         elif image.mode != "RGB":

@@ -20,6 +20,7 @@ import sys
 import chex
 import pytest
 from one_process import TOTAL_STEPS, start_training
+from test_predict import run_predict, save_tiny_pretrained, write_images
 from test_train import DEMO
 
 from clip_jax import storage
@@ -224,6 +225,30 @@ def test_s3_missing_credentials_and_unreachable_endpoint(s3_url, monkeypatch):
     }
     status, err = cli_error(args, unreachable)
     assert_one_line_error(status, err, f"s3://{BUCKET}/run", "unreachable", "AWS_ENDPOINT_URL")
+
+
+def test_predict_from_a_bucket_gives_the_local_predictions(gcs, tmp_path):
+    """A pretrained directory and an image folder in the bucket: the same output as the
+    local copies they were uploaded from (the broken image skipped in both)."""
+    directory, _, _ = save_tiny_pretrained(str(tmp_path / "tiny"))
+    (tmp_path / "images").mkdir()
+    images = write_images(tmp_path / "images")
+    storage.upload_tree(directory, f"gs://{BUCKET}/pretrained/tiny")
+    storage.upload_tree(str(images), f"gs://{BUCKET}/images")
+    args = ("--labels=a dog,a cat,a red car", "--top_k=2", "--json")
+    outputs = []
+    for checkpoint, folder in (
+        (directory, images),
+        (f"gs://{BUCKET}/pretrained/tiny", f"gs://{BUCKET}/images"),
+    ):
+        rc, out, err = run_predict(f"--checkpoint={checkpoint}", f"--images={folder}", *args)
+        assert rc == 0 and "Traceback" not in err, err
+        assert "broken.jpg" in err
+        rows = json.loads(out)
+        outputs.append({os.path.basename(r.pop("image")): r for r in rows})
+    local, remote = outputs
+    assert set(remote) == {"a.png", "b.jpg", "broken.jpg"}
+    assert remote == local
 
 
 def test_gcs_unreachable_endpoint_is_one_line_without_the_retry_traceback():

@@ -21,9 +21,9 @@ from clip_jax.models.registry import get_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A random tiny ViT with the CLIP BPE vocabulary, saved as a pretrained directory."""
+def save_tiny_pretrained(directory: str):
+    """A random tiny ViT with the CLIP BPE vocabulary, saved as a pretrained directory:
+    (directory, config, variables)."""
     config = get_config(
         "tiny-vit", text={"vocab_size": 49408, "eot_token_id": 49407, "context_length": 77}
     )
@@ -31,26 +31,34 @@ def checkpoint(tmp_path_factory):
     images = jnp.zeros((1, 32, 32, 3), jnp.uint8)
     variables = model.init(jax.random.key(3), images, jnp.zeros((1, 77), jnp.int32))
     variables = jax.tree.map(np.asarray, dict(nn.meta.unbox(variables)))
-    d = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     pretrained.save(
-        d,
+        directory,
         config,
         variables,
         name="custom",
         tokenizer={"kind": "clip_bpe", "context_length": 77},
         source={"format": "test"},
     )
-    return d, config, variables
+    return directory, config, variables
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("images")
+def write_images(d):
+    """Two images of different sizes and one broken JPEG in folder `d`."""
     rng = np.random.default_rng(0)
     for name, size in (("a.png", (40, 30)), ("b.jpg", (64, 64))):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / name)
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     return d
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_pretrained(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
 
 
 def test_load_gives_the_training_model(checkpoint):
