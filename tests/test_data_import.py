@@ -169,35 +169,37 @@ def test_max_size_downscales_only_large_images(tmp_path):
     assert recs["small"]["image"] == small
 
 
-def test_multi_caption_rows_merge(tmp_path):
+def _import_jsonl(tmp_path, name, rows: str) -> str:
+    """Imports JSONL `rows` over two 5x5 images, a.png and b.jpg; returns the data_dir."""
     img = Image.new("RGB", (5, 5), (9, 9, 9))
     os.makedirs(tmp_path / "m")
     img.save(tmp_path / "m" / "a.png")
-    img.save(tmp_path / "m" / "b.png")
-    (tmp_path / "m" / "c.jsonl").write_text(
-        '{"image": "a.png", "caption": "first"}\n{"image": "a.png", "caption": "second"}\n'
-        '{"image": "b.png", "caption": ["one", "two", "three"]}\n',
-        encoding="utf-8",
-    )
+    img.save(tmp_path / "m" / "b.jpg")
+    (tmp_path / "m" / "c.jsonl").write_text(rows, encoding="utf-8")
     d = str(tmp_path / "tfds")
-    prepare_image_text("multi", str(tmp_path / "m" / "c.jsonl"), d, val_fraction=0, verbose=False)
+    prepare_image_text(name, str(tmp_path / "m" / "c.jsonl"), d, val_fraction=0, verbose=False)
+    return d
+
+
+def test_multi_caption_rows_merge(tmp_path):
+    d = _import_jsonl(
+        tmp_path,
+        "multi",
+        '{"image": "a.png", "caption": "first"}\n{"image": "a.png", "caption": "second"}\n'
+        '{"image": "b.jpg", "caption": ["one", "two", "three"]}\n',
+    )
     assert read_captions("multi", "train", d) == [["first", "second"], ["one", "two", "three"]]
 
 
 def test_training_read_gives_what_tfds_decodes(tmp_path, demo_data_dir):
     """Source.get_image_text parses the stored tf.train.Example itself; tfds' own decoding
     of every record (one and several captions, the demo's extra features) is the reference."""
-    img = Image.new("RGB", (5, 5), (9, 9, 9))
-    os.makedirs(tmp_path / "m")
-    img.save(tmp_path / "m" / "a.png")
-    img.save(tmp_path / "m" / "b.jpg")
-    (tmp_path / "m" / "c.jsonl").write_text(
+    d = _import_jsonl(
+        tmp_path,
+        "pairs",
         '{"image": "a.png", "caption": "only one"}\n'
         '{"image": "b.jpg", "caption": ["one", "two", "three"]}\n',
-        encoding="utf-8",
     )
-    d = str(tmp_path / "tfds")
-    prepare_image_text("pairs", str(tmp_path / "m" / "c.jsonl"), d, val_fraction=0, verbose=False)
     for name, data_dir in (("pairs", d), ("clip_demo", demo_data_dir)):
         source = Source(name, "train", data_dir)
         indices = list(range(len(source)))

@@ -72,23 +72,22 @@ def _initial(name, kind, freeze):
     return model, mesh, cfg, tx, abstract, step_lib.create_train_state(model, tx, abstract, 0)
 
 
+def _step_args(name, kind, freeze):
+    """(mesh, a copy of the initial state, the step factories' leading arguments)."""
+    model, mesh, cfg, tx, abstract, initial = _initial(name, kind, freeze)
+    state = jax.tree.map(jnp.copy, initial)  # the step donates its state
+    loss_fn = losses.make_loss(kind, mesh, "ring")
+    shardings = step_lib.state_shardings(abstract)
+    return mesh, state, (model, tx, loss_fn, optim.schedule(cfg, 10), shardings, mesh)
+
+
 @functools.cache
 def _train(name, kind, micro_batch_size, freeze="", steps=3):
     """Parameters after `steps` optimizer steps of the real train step, and the losses."""
-    model, mesh, cfg, tx, abstract, initial = _initial(name, kind, freeze)
-    state = jax.tree.map(jnp.copy, initial)  # the step donates its state
+    mesh, state, args = _step_args(name, kind, freeze)
     if steps == 0:
         return jax.device_get(state.params), []
-    train_step = step_lib.make_train_step(
-        model,
-        tx,
-        losses.make_loss(kind, mesh, "ring"),
-        optim.schedule(cfg, 10),
-        step_lib.state_shardings(abstract),
-        mesh,
-        micro_batch_size,
-        freeze,
-    )
+    train_step = step_lib.make_train_step(*args, micro_batch_size, freeze)
     seen = []
     for batch in _batches(mesh, steps):
         state, metrics = train_step(state, batch)
@@ -177,18 +176,8 @@ def test_a_locked_tower_stays_bitwise_unchanged_and_the_other_matches_the_plain_
 def _train_streamed(name, kind, micro_batch_size, freeze="", steps=3):
     """`_train` with the step fed micro-batch by micro-batch: micro-batch i of each global
     batch is its rows [i*M, (i+1)*M) for M = 8 devices x micro_batch_size, read twice."""
-    model, mesh, cfg, tx, abstract, initial = _initial(name, kind, freeze)
-    state = jax.tree.map(jnp.copy, initial)
-    step = step_lib.make_streamed_train_step(
-        model,
-        tx,
-        losses.make_loss(kind, mesh, "ring"),
-        optim.schedule(cfg, 10),
-        step_lib.state_shardings(abstract),
-        mesh,
-        micro_batch_size,
-        freeze,
-    )
+    mesh, state, args = _step_args(name, kind, freeze)
+    step = step_lib.make_streamed_train_step(*args, micro_batch_size, freeze)
     rows, count = micro_batch_size * mesh.devices.size, PER_DEVICE // micro_batch_size
 
     def micro_batches(batch):
