@@ -26,9 +26,6 @@ from test_train import DEMO
 from clip_jax import storage
 from clip_jax.metric_writers import METRICS_FILE
 
-# One test process runs these: they share the session's uninterrupted run (conftest).
-pytestmark = pytest.mark.xdist_group("uninterrupted_run")
-
 BUCKET = "clip-bucket"
 
 
@@ -149,6 +146,9 @@ def assert_one_line_error(status, stderr, *words):
         assert word in lines[0], stderr
 
 
+# One test process runs this and test_preemption: they share the session's uninterrupted
+# run (conftest). The other tests here go wherever xdist puts them.
+@pytest.mark.xdist_group("uninterrupted_run")
 def test_gcs_workdir_and_data_train_preempt_resume_evaluate(gcs, demo_data_dir, reference):
     data_dir = demo_data_dir
     # The local demo dataset (the reference run's, tokenizer included) copied to the bucket.
