@@ -36,6 +36,7 @@ LOSS_IMPLS = ("dense", "gather", "ring")
 DTYPES = ("float32", "bfloat16")
 FREEZE = ("", "image", "text")
 INIT_TOWERS = ("image", "text", "both")
+STREAM_SECOND_PASSES = ("reread", "keep")
 
 
 # The allowed values of every numeric key that has a range ('> 0', '>= 1', or an interval);
@@ -86,6 +87,10 @@ def defaults() -> ml_collections.ConfigDict:
     # slices it; True feeds the step micro-batch by micro-batch, each one twice (embed, then
     # back-propagate; decoded twice), so no device and no host ever holds the global batch.
     c.stream_micro_batches = False
+    # Where the streamed step's second pass gets its micro-batches: 'reread' reads and decodes
+    # them again (host memory: the micro-batches in flight; twice the decoding), 'keep' keeps
+    # the first pass's host copies (host memory: this host's share of the global batch).
+    c.stream_second_pass = "reread"
     c.total_steps = 1000
     c.log_every = 10
     c.max_bad_steps = 5  # non-finite steps in a row before the run stops
@@ -272,6 +277,7 @@ def validate(
     _choice("model.param_dtype", config.model.param_dtype, DTYPES)
     _choice("optim.mu_dtype", config.optim.mu_dtype, DTYPES)
     _choice("model.remat_policy", config.model.remat_policy, REMAT_POLICIES)
+    _choice("stream_second_pass", config.stream_second_pass, STREAM_SECOND_PASSES)
     _choice("model.attention", config.model.attention, ATTENTION_IMPLS)
     _choice("optim.freeze", config.optim.freeze, FREEZE)
     _choice("model.init_towers", config.model.init_towers, INIT_TOWERS)

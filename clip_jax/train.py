@@ -9,6 +9,7 @@ builds the `Run` that training and `clip_jax.evaluate` share.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -374,27 +375,67 @@ def _evaluate(run: Run, eval_step, state, writer, step, val_batch_size) -> dict[
     return results
 
 
-def _make_advance(run: Run, loss_fn, schedule, shardings, feed: DevicePrefetch, window):
-    """`advance(state) -> (state, metrics)`: one optimizer step on the next global batch
-    from `feed`, or, with stream_micro_batches, on its micro-batches: `feed` gives them to
-    the embedding pass and a second loader, started at the same position, gives the same
-    ones again to the back-propagation pass. Every wait for input counts in `window`."""
+class _Keeping:
+    """The loader (its state and attributes too), also appending each host batch it hands
+    out to `kept`."""
+
+    def __init__(self, loader, kept: collections.deque):
+        self._loader, self._kept = loader, kept
+
+    def __next__(self) -> dict:
+        batch = next(self._loader)
+        self._kept.append(batch)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _Replay:
+    """The kept host batches again, oldest first (a loader for `DevicePrefetch`)."""
+
+    def __init__(self, kept: collections.deque):
+        self.kept = kept
+
+    def __next__(self) -> dict:
+        return self.kept.popleft()
+
+    def get_state(self) -> dict:
+        return {"num_replaced": 0}  # the first pass counts replaced images
+
+
+def _make_advance(run: Run, loss_fn, schedule, shardings, loader, window):
+    """(`advance(state) -> (state, metrics)`, `feed`). `feed` puts the loader's batches on
+    the devices ahead of the step (its state is what a checkpoint saves); `advance` runs one
+    optimizer step on the next global batch, or, with stream_micro_batches, on its
+    micro-batches: `feed` gives them to the embedding pass, and the back-propagation pass
+    gets the same ones again from a second loader started at the same position
+    (stream_second_pass='reread') or from the host copies the first pass kept ('keep').
+    Every wait for input counts in `window`."""
     c = run.config
     args = (run.model, run.tx, loss_fn, schedule, shardings, run.mesh, c.micro_batch_size)
     if not c.stream_micro_batches:
         train_step = step_lib.make_train_step(*args, c.optim.freeze)
+        feed = DevicePrefetch(loader, run.mesh, c.data.device_prefetch)
 
         def advance(state):
             with window.waiting_for_data():
                 batch = next(feed)
             return train_step(state, batch)
 
-        return advance
+        return advance, feed
 
     streamed_step = step_lib.make_streamed_train_step(*args, c.optim.freeze)
-    second_loader = _train_loader(run)
-    second_loader.set_state(feed.get_state())
-    second_feed = DevicePrefetch(second_loader, run.mesh, c.data.device_prefetch)
+    if c.stream_second_pass == "keep":
+        kept = collections.deque()
+        feed = DevicePrefetch(_Keeping(loader, kept), run.mesh, c.data.device_prefetch)
+        # No read-ahead: the copies of the next step's micro-batches may not exist yet.
+        second_feed = DevicePrefetch(_Replay(kept), run.mesh, depth=0)
+    else:
+        feed = DevicePrefetch(loader, run.mesh, c.data.device_prefetch)
+        second_loader = _train_loader(run)
+        second_loader.set_state(loader.get_state())
+        second_feed = DevicePrefetch(second_loader, run.mesh, c.data.device_prefetch)
     micro_batches = _micro_batches(run)
 
     def timed(micro_batch_feed):
@@ -406,7 +447,7 @@ def _make_advance(run: Run, loss_fn, schedule, shardings, feed: DevicePrefetch, 
     def advance(state):
         return streamed_step(state, timed(feed), timed(second_feed), micro_batches)
 
-    return advance
+    return advance, feed
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -447,8 +488,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         flops.peak_tflops(jax.devices()[0].device_kind),
     )
     # The loader reads ahead of the steps; `feed` knows its state after the batches used.
-    feed = DevicePrefetch(loader, mesh, config.data.device_prefetch)
-    advance = _make_advance(run, loss_fn, schedule, shardings, feed, window)
+    advance, feed = _make_advance(run, loss_fn, schedule, shardings, loader, window)
     profiler = profiling.StepProfiler(config.profile_steps, workdir)
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step, read while this one runs
