@@ -259,19 +259,22 @@ class _LogWindow:
         self.reset()
         return rates
 
-    def input_bound_warning(self, data_wait: float, data: ml_collections.ConfigDict) -> str:
+    def input_bound_warning(self, data_wait: float, config: ml_collections.ConfigDict) -> str:
         """One line the first time that a window after the first waited for input more than
         INPUT_BOUND_SHARE of its time ('' otherwise); `data_wait` from the window just ended."""
         if self.warned or self.windows < 2 or data_wait <= INPUT_BOUND_SHARE:
             return ""
         self.warned = True
         where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+        data = config.data
+        rereading = config.stream_micro_batches and config.stream_second_pass == "reread"
         return (
             f"warning: the training loop waited for input {data_wait:.0%} of the time{where} "
             f"(over {INPUT_BOUND_SHARE:.0%}: the devices idle); raise data.num_workers (now "
             f"{data.num_workers}), data.num_threads (now {data.num_threads}) or data.prefetch "
-            f"(now {data.prefetch}), or store smaller images (python -m clip_jax.data.prepare "
-            "--max_size)"
+            f"(now {data.prefetch}), "
+            + ("decode each image once (stream_second_pass=keep), " if rereading else "")
+            + "or store smaller images (python -m clip_jax.data.prepare --max_size)"
         )
 
 
@@ -294,7 +297,7 @@ def _check_and_log(step, metrics, writer, window, feed, config, force=False):
         # this host's count: unreadable images replaced by a deterministic substitute
         images_replaced=feed.num_replaced,
     )
-    warning = window.input_bound_warning(values["data_wait"], config.data)
+    warning = window.input_bound_warning(values["data_wait"], config)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     writer.write(step, values)

@@ -81,7 +81,7 @@ def test_a_finite_loader_is_used_to_its_end_in_order():
 def test_input_bound_warning_once_after_the_first_window_naming_the_keys():
     """Real waits: a window that sleeps while "waiting for data" is input-bound; the first
     window (start-up, compilation) never warns, and the warning comes once."""
-    data = config_lib.defaults().data
+    config = config_lib.defaults()
     window = train_lib._LogWindow(8, 1, 1e9, None)
     warnings = []
     for wait in (True, False, True, True):
@@ -92,9 +92,13 @@ def test_input_bound_warning_once_after_the_first_window_naming_the_keys():
         rates = window.end()
         assert 0 <= rates["data_wait"] <= 1
         assert (rates["data_wait"] > 0.5) == wait
-        warnings.append(window.input_bound_warning(rates["data_wait"], data))
+        warnings.append(window.input_bound_warning(rates["data_wait"], config))
     assert warnings[:2] == ["", ""] and warnings[3] == ""
     assert warnings[2].startswith("warning: the training loop waited for input")
     for key in ("data.num_workers (now 0)", "data.num_threads (now 1)", "data.prefetch (now 2)"):
         assert key in warnings[2]
-    assert "\n" not in warnings[2]
+    assert "\n" not in warnings[2] and "stream_second_pass" not in warnings[2]
+    # A streamed step that decodes every image twice also hears of the other way.
+    config.stream_micro_batches, config.micro_batch_size = True, 1
+    window.warned = False
+    assert "stream_second_pass=keep" in window.input_bound_warning(0.5, config)
