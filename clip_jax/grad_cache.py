@@ -118,8 +118,13 @@ class _Phases:
         return {name: v for t in self.trained for name, v in groups[t].items()}
 
     def zeros(self, params) -> dict:
-        """The float32 accumulator of the trained towers' gradients."""
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), self.trainable(params))
+        """The float32 accumulator of the trained towers' gradients, in the parameters'
+        layout (left to XLA, a fresh array would be replicated: 4 bytes per parameter on
+        every device instead of its FSDP shard)."""
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), self.trainable(params))
+        if self.param_shardings is not None:
+            zeros = lax.with_sharding_constraint(zeros, self.trainable(self.param_shardings))
+        return zeros
 
     def pull_back(self, acc, params, model_state, images, tokens, cotangents, k):
         """3. Micro-batch k's forward again, its slice of the embedding cotangents pulled
@@ -138,8 +143,7 @@ class _Phases:
         _, towers_vjp = jax.vjp(towers, trainable)
         (grads,) = towers_vjp({t: self.micro(cotangents[_EMBEDDING[t]], k) for t in self.trained})
         if self.param_shardings is not None:  # reduce-scattered into the parameters' layout
-            layout = {name: self.param_shardings[name] for name in trainable}
-            grads = lax.with_sharding_constraint(grads, layout)
+            grads = lax.with_sharding_constraint(grads, self.trainable(self.param_shardings))
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
 
     def combine(self, params, summed, shared_grads) -> dict:
@@ -240,8 +244,8 @@ class StreamedGradients:
         return out, self._combine(params, acc, shared_grads)
 
     def lower(self, params, model_state, micro: dict, micro_batches: int) -> dict:
-        """{'embed', 'loss', 'pull_back': jax.stages.Lowered} for abstract (or concrete)
-        arguments: what each phase compiles to, for sizing without running anything."""
+        """{'embed', 'loss', 'zeros', 'pull_back': jax.stages.Lowered} for abstract (or
+        concrete) arguments: what each phase compiles to, for sizing without running."""
         images, tokens = micro["image"], micro["text"]
         embedded = jax.eval_shape(self._phases.embed, params, model_state, images, tokens)
         stacked_sharding = NamedSharding(self._phases.rows.mesh, P(None, sharding.BATCH_AXES))
@@ -264,6 +268,7 @@ class StreamedGradients:
         return {
             "embed": self._embed.lower(params, model_state, images, tokens),
             "loss": self._loss.lower(params, model_state, stacked, images, tokens),
+            "zeros": self._zeros.lower(params),
             "pull_back": self._pull_back.lower(
                 acc, params, model_state, images, tokens, cotangents, 0
             ),

@@ -208,6 +208,34 @@ def test_three_streamed_steps_match_the_plain_step(name, kind, freeze, micro_bat
         chex.assert_trees_all_equal(streamed["visual"], initial["visual"])
 
 
+def test_the_streamed_accumulator_is_sharded_like_the_parameters():
+    """FSDP: each device holds its shard of the float32 gradient sum, never the whole."""
+    model, mesh = _model("tiny-vit", "softmax"), _mesh(fsdp=4)
+    tx = optim.make_optimizer(_optim_config(""), total_steps=10)
+    abstract = step_lib.abstract_train_state(model, tx, mesh)
+    layout = step_lib.state_shardings(abstract).params
+    loss_fn = losses.make_loss("softmax", mesh, "ring")
+    streamed = grad_cache.StreamedGradients(
+        model, step_lib.make_objective(loss_fn), mesh, 2, param_shardings=layout
+    )
+    (batch,) = _batches(mesh, 1)
+    micro = {  # 2 rows per device
+        k: jax.ShapeDtypeStruct((16, *v.shape[1:]), v.dtype, sharding=v.sharding)
+        for k, v in batch.items()
+    }
+    lowered = streamed.lower(abstract.params, abstract.model_state, micro, 4)
+    for phase in ("zeros", "pull_back"):  # the sum as it starts, and after each micro-batch
+        accumulated = lowered[phase].compile().output_shardings
+        sharded = 0
+        for name in accumulated:
+            for got, want in zip(
+                jax.tree.leaves(accumulated[name]), jax.tree.leaves(layout[name]), strict=True
+            ):
+                assert got.spec == want.spec, (phase, name)
+                sharded += not want.is_fully_replicated
+        assert sharded > 10
+
+
 def test_micro_batches_take_rows_from_every_device_without_moving_them():
     """Pure data parallelism: the cached step has no all-gather and no all-to-all at all."""
     model, mesh = _model("tiny-vit", "softmax"), _mesh(fsdp=1)
