@@ -31,7 +31,6 @@ tower alone and the locked tower's gradient is exactly zero.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +65,7 @@ class _Phases:
             raise ValueError(f"frozen must be '', 'image' or 'text'; got {frozen!r}")
         self.model, self.objective, self.size = model, objective, micro_batch_size
         self.trained = tuple(t for t in _EMBEDDING if t != frozen)
-        self.shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+        self.shards = sharding.batch_shards(mesh)
         self.rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
         self.param_shardings = param_shardings
 

@@ -254,6 +254,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split: the size of ``BATCH_AXES`` on ``mesh``."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Fully replicated sharding on ``mesh``."""
     return NamedSharding(mesh, P())

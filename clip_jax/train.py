@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -146,8 +145,7 @@ def _micro_batches(run: Run) -> int:
     c = run.config
     if not c.stream_micro_batches:
         return 1
-    shards = math.prod(run.mesh.shape[a] for a in sharding.BATCH_AXES)
-    return c.batch_size // shards // c.micro_batch_size
+    return c.batch_size // sharding.batch_shards(run.mesh) // c.micro_batch_size
 
 
 def _train_loader(run: Run) -> pipeline.TrainLoader:
@@ -311,7 +309,7 @@ def _validation_batch_size(run: Run) -> int:
     num_examples = info.dataset_info(c.data.name, run.data_dir)["num_examples"][c.data.eval_split]
     if num_examples >= c.eval.batch_size:
         return c.eval.batch_size
-    shards = math.prod(run.mesh.shape[a] for a in sharding.BATCH_AXES if a in run.mesh.shape)
+    shards = sharding.batch_shards(run.mesh)
     size = num_examples // shards * shards
     if jax.process_index() == 0:
         use = f"uses batches of {size}" if size else "is skipped (fewer examples than devices)"

@@ -53,7 +53,7 @@ class Encoders:
         self._image = encode_image
         self._text = encode_text
         self._batch_sharding = sharding.batch_sharding(mesh)
-        shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES if a in mesh.shape)
+        shards = sharding.batch_shards(mesh)
         if self.batch_size < 1 or self.batch_size % shards:
             raise ValueError(
                 f"eval.batch_size={self.batch_size} must be a positive multiple of the "
