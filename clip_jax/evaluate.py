@@ -67,9 +67,7 @@ def load_config(
     if pretrained.is_pretrained_dir(workdir):  # no run config: the default eval settings
         return config_lib.defaults()
     path = storage.join(workdir, "config.json")
-    with storage.access(path, "read"):
-        exists = storage.path(path).is_file()
-    if not exists:
+    if not storage.is_file(path):
         raise EvaluationError(f"no --config given and {path} does not exist; pass --config=FILE")
     return config_lib.from_dict(json.loads(storage.read_text(path)))
 

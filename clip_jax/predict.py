@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -46,16 +45,9 @@ def split_list(value: str | None) -> list[str]:
     file -> its non-empty lines."""
     if not value:
         return []
-    if _is_file(value):
+    if storage.is_file(value):
         return [line.strip() for line in storage.read_text(value).splitlines() if line.strip()]
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _is_file(value: str) -> bool:
-    if not storage.is_remote(value):
-        return os.path.isfile(value)
-    with storage.access(value, "read"):
-        return storage.path(value).is_file()
 
 
 def _image_files(folder: epath.Path) -> Iterator[str]:
@@ -154,7 +146,7 @@ def classify(predictor: Predictor, images: np.ndarray, labels, templates) -> np.
 def _templates(spec: str | None) -> list[str]:
     if not spec:
         return ["{}"]
-    if spec in TEMPLATE_SETS or _is_file(spec):
+    if spec in TEMPLATE_SETS or storage.is_file(spec):
         return load_templates(spec)
     return load_templates(split_list(spec))
 

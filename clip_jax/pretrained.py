@@ -99,9 +99,7 @@ def save(
 def is_pretrained_dir(directory: str) -> bool:
     """Whether ``directory`` has the layout above (its ``config.json`` says so)."""
     path = storage.join(directory, "config.json")
-    with storage.access(path, "read"):  # an unreachable bucket is an error, not "no"
-        found = storage.path(path).is_file()
-    if not found:
+    if not storage.is_file(path):
         return False
     try:
         meta = json.loads(storage.read_text(path))
@@ -113,9 +111,7 @@ def is_pretrained_dir(directory: str) -> bool:
 def read_meta(directory: str) -> dict:
     """``config.json`` of a pretrained directory (a folder or a bucket URL), checked."""
     path = storage.join(directory, "config.json")
-    with storage.access(path, "read"):  # an unreachable bucket is one line with the fix
-        found = storage.path(path).is_file()
-    if not found:
+    if not storage.is_file(path):
         raise PretrainedError(
             f"{path}: not found (expected a clip_jax pretrained directory written by "
             "python -m clip_jax.convert)"

@@ -194,6 +194,12 @@ def write_text(p: str | os.PathLike, text: str) -> None:
         os.replace(tmp, target)
 
 
+def is_file(p: str | os.PathLike) -> bool:
+    """Whether `p` is a file; an unreachable bucket is a StorageError, never "no"."""
+    with access(p, "read"):
+        return path(p).is_file()
+
+
 def read_text(p: str | os.PathLike) -> str:
     with access(p, "read"):
         return path(p).read_text()

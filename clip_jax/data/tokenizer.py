@@ -343,9 +343,8 @@ def demo_tokenizer_path(data_dir: str | None = None) -> str:
     name = f"clip_demo_v{clip_demo.VERSION}_bpe{DEMO_VOCAB_SIZE}"
     path = storage.join(folder, name + ".model")
     if storage.is_remote(d):
-        with storage.access(path, "read"):
-            if storage.path(path).is_file():
-                return path
+        if storage.is_file(path):
+            return path
         # Trained locally, then uploaded (.model last: its presence means complete).
         local = tempfile.mkdtemp(prefix="clip_jax_tokenizer_")
         try:
