@@ -63,7 +63,7 @@ class Source:
     def get_image_text(self, indices: Sequence[int]) -> list[dict]:
         """{'image': encoded bytes, 'caption': [bytes, ...]} of each record, taken straight
         from the stored tf.train.Example: what training reads, without tfds decoding every
-        other feature (38 against 8 us per record, benchmarks/input_pipeline.py)."""
+        other feature (20 against 37 us per 26 KiB record, benchmarks/input_pipeline.py)."""
         # tfds' own copy of the tf.train.Example message (no TensorFlow import); imported with
         # tfds, which only a process that reads records needs.
         from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415
