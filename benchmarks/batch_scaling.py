@@ -4,6 +4,8 @@
     python benchmarks/batch_scaling.py --micro=off,64     # 'off' = the plain step
     python benchmarks/batch_scaling.py --run_step         # + one real step at 65,536
     python benchmarks/batch_scaling.py --stream           # + the streamed step's memory
+    python benchmarks/batch_scaling.py --model=ViT-B/32 --context_length=77 --vocab=49408 \
+        --dtype=bfloat16 --micro=off,512 --stream         # a real model (6 min, 2 cores)
 
 Compiles (does not run) the real train step (`clip_jax.step.make_train_step`, the ring loss
 folded in `--chunk_size` chunks) for every global batch x micro-batch size (rows per device)
@@ -29,6 +31,9 @@ from simulated_devices import use_cpu_devices
 
 _p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 _p.add_argument("--model", default="tiny-vit")
+_p.add_argument("--context_length", type=int, default=16, help="text tokens (77 for real models)")
+_p.add_argument("--vocab", type=int, default=512, help="vocabulary (49,408 for real models)")
+_p.add_argument("--dtype", default="float32", help="model.dtype (bfloat16 for real models)")
 _p.add_argument("--batches", default="4096,16384,65536,262144,1048576", help="global batches")
 _p.add_argument("--micro", default="off,64,512", help="rows per device per micro-batch; off: plain")
 _p.add_argument("--kind", default="softmax", choices=("softmax", "sigmoid"))
@@ -53,14 +58,15 @@ from clip_jax import grad_cache, losses, optim, sharding  # noqa: E402
 from clip_jax import step as step_lib  # noqa: E402
 
 MIB = 2**20
-VOCAB = 512
+VOCAB = ARGS.vocab
 
 
 def experiment(batch_size: int, micro_batch_size: int):
     c = config_lib.defaults()
     c.model.name = ARGS.model
     c.model.use_logit_bias = ARGS.kind == "sigmoid"
-    c.tokenizer.context_length = 16
+    c.model.dtype = ARGS.dtype
+    c.tokenizer.context_length = ARGS.context_length
     c.batch_size, c.micro_batch_size = batch_size, micro_batch_size
     c.loss.kind, c.loss.impl, c.loss.chunk_size = ARGS.kind, "ring", ARGS.chunk_size
     c.optim.warmup_steps = 1
@@ -193,7 +199,7 @@ def run_step():
     step = Step(experiment(ARGS.run_batch, ARGS.run_micro))
     rng = np.random.default_rng(0)
     v = step.model.config.vision
-    text = rng.integers(1, VOCAB - 1, (ARGS.run_batch, 16), np.int32)
+    text = rng.integers(1, VOCAB - 1, (ARGS.run_batch, ARGS.context_length), np.int32)
     text[:, -1] = VOCAB - 1
     batch = jax.device_put(
         {
