@@ -221,8 +221,20 @@ class StreamedGradients:
         self._zeros = jax.jit(phases.zeros)
         self._pull_back = jax.jit(phases.pull_back, donate_argnums=(0,))
         self._combine = jax.jit(phases.combine)
+        # For a caller that folds it into its own jit (the train step's update does: one
+        # parameter-sized gradient array fewer than a jit of its own).
+        self.combine = phases.combine
 
     def __call__(self, params, model_state, first_pass, second_pass, micro_batches: int):
+        out, summed, shared_grads = self.accumulate(
+            params, model_state, first_pass, second_pass, micro_batches
+        )
+        return out, self._combine(params, summed, shared_grads)
+
+    def accumulate(self, params, model_state, first_pass, second_pass, micro_batches: int):
+        """`__call__` before its last phase: ((loss, metrics), the trained towers' summed
+        float32 gradients, the scale/bias gradients); `combine(params, summed, shared)`
+        makes them the gradient of every parameter."""
         embedded = []
         for _ in range(micro_batches):
             micro = next(first_pass)
@@ -240,7 +252,7 @@ class StreamedGradients:
             acc = self._pull_back(
                 acc, params, model_state, micro["image"], micro["text"], cotangents, k
             )
-        return out, self._combine(params, acc, shared_grads)
+        return out, acc, shared_grads
 
     def lower(self, params, model_state, micro: dict, micro_batches: int) -> dict:
         """{'embed', 'loss', 'zeros', 'pull_back': jax.stages.Lowered} for abstract (or

@@ -6,7 +6,6 @@ step that training runs.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -253,17 +252,22 @@ def make_streamed_train_step(
     gradients = grad_cache.StreamedGradients(
         model, make_objective(loss_fn), mesh, micro_batch_size, frozen_tower, shardings.params
     )
+
+    def update_fn(state, loss, metrics, summed, shared_grads):
+        grads = gradients.combine(state.params, summed, shared_grads)
+        return _apply_gradients(tx, schedule, state, loss, metrics, grads)
+
     update = jax.jit(
-        functools.partial(_apply_gradients, tx, schedule),
+        update_fn,
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
 
     def step(state: TrainState, first_pass, second_pass, micro_batches: int):
-        (loss, metrics), grads = gradients(
+        (loss, metrics), summed, shared_grads = gradients.accumulate(
             state.params, state.model_state, first_pass, second_pass, micro_batches
         )
-        return update(state, loss, metrics, grads)
+        return update(state, loss, metrics, summed, shared_grads)
 
     return step
 
