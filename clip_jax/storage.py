@@ -22,12 +22,15 @@ unless the environment says otherwise).
 from __future__ import annotations
 
 import contextlib
+import glob as globlib
 import importlib
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
+import fsspec
 from etils import epath
 
 from clip_jax.errors import UserError
@@ -205,13 +208,64 @@ def read_text(p: str | os.PathLike) -> str:
         return path(p).read_text()
 
 
+def glob(pattern: str) -> list[str]:
+    """The files and folders matching `pattern` (`*`, `?`, `[...]`), sorted; a bucket URL's
+    matches are bucket URLs."""
+    if not is_remote(pattern):
+        return sorted(globlib.glob(pattern))
+    cut = min(i for i in (pattern.find(c) for c in "*?[") if i >= 0)
+    base = pattern[: pattern.rindex("/", 0, cut)]  # the part without wildcards
+    with access(pattern, "list"):
+        return sorted(str(p) for p in path(base).glob(pattern[len(base) + 1 :]))
+
+
+def list_files(folder: str | os.PathLike) -> list[str]:
+    """The names of the files directly in `folder` (not its sub-folders), sorted; one listing
+    request for a bucket folder."""
+    fs, root = fsspec.core.url_to_fs(resolve(folder))
+    with access(folder, "list"):
+        entries = fs.ls(root, detail=True)
+    return sorted(os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "file")
+
+
+def upload_file(local: str, remote: str) -> None:
+    """Copies the local file `local` to the object `remote`, streamed (a dataset shard may
+    not fit in memory)."""
+    with access(remote, "upload to"), open(local, "rb") as src, path(remote).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
 def upload_tree(local: str, remote: str) -> None:
     """Copies the local folder `local` to `remote` (a bucket URL), file by file."""
-    target = path(remote)
-    with access(remote, "upload to"):
-        for root, _, names in os.walk(local):
-            rel = os.path.relpath(root, local)
-            folder = target if rel == "." else target / rel
-            for name in names:
-                with open(os.path.join(root, name), "rb") as f:
-                    (folder / name).write_bytes(f.read())
+    for root, _, names in os.walk(local):
+        rel = os.path.relpath(root, local)
+        for name in names:
+            parts = (name,) if rel == "." else (*rel.split(os.sep), name)
+            upload_file(os.path.join(root, name), join(remote, *parts))
+
+
+def move_tree(src: str, dst: str, last: str) -> None:
+    """Moves every object under the bucket folder `src` to `dst` in the same store, the one
+    named `last` after all the others, then deletes `src`. An object store has no rename:
+    a folder moves object by object (server-side copies), so a reader that takes `last` as
+    the sign of a complete folder never sees part of one."""
+    fs, root = fsspec.core.url_to_fs(resolve(src))
+    _, target = fsspec.core.url_to_fs(resolve(dst))
+    with access(dst, "move to"):
+        rels = sorted(f[len(root) + 1 :] for f in fs.find(root))
+        first = [r for r in rels if r != last]
+        fs.copy([f"{root}/{r}" for r in first], [f"{target}/{r}" for r in first])
+        if last in rels:
+            fs.copy(f"{root}/{last}", f"{target}/{last}")
+        fs.rm(root, recursive=True)
+
+
+def remove_tree(p: str | os.PathLike, first: str | None = None) -> None:
+    """Deletes folder `p` if it exists, the file named `first` before the rest: a bucket
+    folder is deleted object by object, so a reader that takes `first` as the sign of a
+    complete folder never sees part of one."""
+    folder = path(p)
+    with access(p, "delete"):
+        if first is not None:
+            (folder / first).unlink(missing_ok=True)
+        folder.rmtree(missing_ok=True)

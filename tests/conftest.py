@@ -19,9 +19,14 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gcsfs decides on import whether to ask a gRPC service (which the GCS emulator lacks) if a
+# bucket is zonal; clip_jax.storage turns that off only when the emulator is set before the
+# import, and a test may resolve a gs:// path without the emulator first.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 chex.set_n_cpu_devices(8)  # through XLA_FLAGS too, so subprocesses see the same devices
 
 import jax  # noqa: E402
+import local_servers  # noqa: E402
 import one_process  # noqa: E402
 import pytest  # noqa: E402
 import two_processes  # noqa: E402
@@ -56,3 +61,22 @@ def two_process_run(demo_data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("two_processes"))
     two_processes.finish(two_processes.start(workdir, demo_data_dir))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def gcs_url():
+    """The GCS emulator, one per test process: gcsfs and etils keep the clients they made,
+    endpoint included, for the whole process."""
+    port = local_servers.free_port()
+    server = local_servers.start_gcs(port)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_url, monkeypatch):
+    """This process and its subprocesses talk to the emulator (the standard variable only)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
+    for derived in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        monkeypatch.delenv(derived, raising=False)
+    return gcs_url

@@ -16,12 +16,17 @@ the class names). Labelled sources store a 'label' ClassLabel, so `evaluate
 split, beside the splits the dataset already has. Examples that cannot be used (bad
 image or caption, duplicate key, path outside the folder, text not valid in --encoding)
 are skipped and counted by reason. Prints progress while writing and a summary at the end.
+
+Tars and tables (with their images) may be bucket URLs, and --data_dir a gs:// bucket
+(`build_into`); with --beam_runner=DataflowRunner both must be, since its workers share no
+disk (README "Preparing a web-scale dataset").
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -29,7 +34,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 
 from clip_jax import cli, storage
 from clip_jax.data import paths
@@ -38,7 +44,9 @@ from clip_jax.data.errors import DataError, DatasetNotPreparedError
 
 DEMO_NAME = "clip_demo"
 SUMMARY_FILE = "import_summary.json"
+INFO_FILE = "dataset_info.json"  # a version folder holding it is prepared (`prepared_dir`)
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_BUCKET_CHECKS = 32  # source files in a bucket checked at once
 
 
 def prepared_dir(name: str, data_dir: str | None) -> str | None:
@@ -51,11 +59,7 @@ def prepared_dir(name: str, data_dir: str | None) -> str | None:
             return None
         for v in root.iterdir():
             parts = v.name.split(".")
-            if (
-                len(parts) == 3
-                and all(p.isdigit() for p in parts)
-                and (v / "dataset_info.json").is_file()
-            ):
+            if len(parts) == 3 and all(p.isdigit() for p in parts) and (v / INFO_FILE).is_file():
                 versions.append(tuple(int(p) for p in parts))
     if not versions:
         return None
@@ -118,15 +122,15 @@ def ensure_prepared(
 
 def split_names(path: str) -> list[str]:
     """The splits written in the version folder `path`."""
-    info = json.loads(storage.read_text(storage.join(path, "dataset_info.json")))
+    info = json.loads(storage.read_text(storage.join(path, INFO_FILE)))
     return [s["name"] for s in info.get("splits", [])]
 
 
 def check_data_dir(data_dir: str) -> None:
     """A DataError (one line, with the fix) unless `data_dir` is, or can be, a writable folder."""
     if storage.is_remote(data_dir):
-        storage.check_writable_dir(data_dir, "--data_dir")
         storage.require(data_dir, "datasets", "--data_dir")
+        storage.check_writable_dir(data_dir, "--data_dir")
         return
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir} is a file; pass a folder for the datasets")
@@ -223,31 +227,24 @@ def prepare_demo(
     if image_size < 1:
         raise DataError(f"--image_size must be a positive number of pixels, got {image_size}")
     d = paths.resolve_data_dir(data_dir)
-    if storage.is_remote(d):
-        return build_then_upload(
-            DEMO_NAME,
-            d,
-            lambda local: prepare_demo(
-                local,
-                seed=seed,
-                image_size=image_size,
-                num_train=num_train,
-                num_validation=num_validation,
-                num_test=num_test,
-                verbose=verbose,
-            ),
-            overwrite=overwrite,
-        )
     check_data_dir(d)
-    builder = clip_demo.ClipDemo(
-        data_dir=d,
-        seed=seed,
-        image_size=image_size,
-        num_train=num_train,
-        num_validation=num_validation,
-        num_test=num_test,
-    )
-    builder.download_and_prepare(download_config=_download_config(overwrite))
+    existing = prepared_dir(DEMO_NAME, d) if storage.is_remote(d) else None
+    if existing and not overwrite:  # tfds itself skips a prepared local one
+        return {"name": DEMO_NAME, "path": existing, "note": "already prepared"}
+
+    def build(folder: str):
+        builder = clip_demo.ClipDemo(
+            data_dir=folder,
+            seed=seed,
+            image_size=image_size,
+            num_train=num_train,
+            num_validation=num_validation,
+            num_test=num_test,
+        )
+        builder.download_and_prepare(download_config=_download_config(overwrite))
+        return builder
+
+    builder = build_into(DEMO_NAME, d, build)
     summary = {
         "name": DEMO_NAME,
         "path": prepared_dir(DEMO_NAME, d),
@@ -299,12 +296,16 @@ def prepare_image_text(
         raise DataError(f"max_size must be a positive number of pixels, got {max_size}")
     if split is not None and not _SPLIT_RE.match(split):
         raise DataError(f"invalid --split {split!r} (expected lower_snake_case, e.g. 'test')")
+    d = paths.resolve_data_dir(data_dir)
     make_builder, beam = image_text.make_builder, None
     if beam_runner:
         from clip_jax.data.builders import image_text_beam  # noqa: PLC0415 (optional extra)
 
         make_builder = image_text_beam.make_builder
-        beam = image_text_beam.pipeline_options(beam_runner, beam_options)
+        given = [source] if isinstance(source, (str, os.PathLike)) else list(source or [])
+        beam = image_text_beam.pipeline_options(
+            beam_runner, beam_options, d, [os.fspath(s) for s in given]
+        )
     elif beam_options:
         raise DataError("--beam_options needs --beam_runner (e.g. --beam_runner=DirectRunner)")
     read = sources.ReadOptions(
@@ -315,9 +316,8 @@ def prepare_image_text(
         encoding=sources.check_encoding(encoding),
         allow_outside_paths=allow_outside_paths,
     )
-    d = paths.resolve_data_dir(data_dir)
     files = sources.expand_sources(source)
-    nonempty = [f for f in files if sources.check_source(f, read)]
+    nonempty = [f for f, ok in zip(files, _check_sources(files, read)) if ok]
     if not nonempty:
         shown = files[0] if len(files) == 1 else f"{files[0]} ... ({len(files)} files)"
         raise DataError(f"source is empty: {shown} ({sources.EXPECTED})")
@@ -325,6 +325,11 @@ def prepare_image_text(
     check_data_dir(d)
     existing = prepared_dir(name, d)
     adding = bool(split and existing)
+    if adding and storage.is_remote(d):
+        raise DataError(
+            f"--split={split}: adding a split to a dataset in a bucket ({d}) is not supported; "
+            "prepare the dataset in a local folder, then copy it"
+        )
     if existing and (split in split_names(existing) if adding else True) and not overwrite:
         builder = image_text.make_builder(name, d)
         what = f"split {split!r} " if adding else ""
@@ -350,11 +355,16 @@ def prepare_image_text(
         num_threads=num_threads,
         progress=verbose,
     )
-    if existing and not adding:
+    if existing and not adding and not storage.is_remote(d):  # a bucket's goes once replaced
         shutil.rmtree(existing)
     # A split added to a prepared dataset is written on its own, then moved in.
     build_dir = tempfile.mkdtemp(prefix=f".{name}-{split}-", dir=d) if adding else d
-    builder = make_builder(name, build_dir, config)
+
+    def build(folder: str):
+        builder = make_builder(name, folder, config)
+        builder.download_and_prepare(download_config=_download_config(overwrite, beam))
+        return builder
+
     if verbose:
         into = f"split {split!r} of " if split else ""
         print(
@@ -362,15 +372,17 @@ def prepare_image_text(
             flush=True,
         )
     try:
-        builder.download_and_prepare(download_config=_download_config(overwrite, beam))
-        if adding:
+        if not adding:
+            builder = build_into(name, d, build)
+        else:
+            builder = build(build_dir)
             built = os.path.join(build_dir, name, image_text.VERSION)
             image_text.merge_split(existing, built, name, split)
     except BaseException:
         root = os.path.join(d, name)
         if adding:
             shutil.rmtree(build_dir, ignore_errors=True)
-        elif os.path.isdir(root) and not os.listdir(root):
+        elif os.path.isdir(root) and not os.listdir(root):  # local (a bucket has no folders)
             os.rmdir(root)  # leave no trace of a failed import
         raise
     if adding:
@@ -451,59 +463,43 @@ def _notes(skipped: dict, read: sources.ReadOptions) -> list[str]:
     return []
 
 
-def build_then_upload(name: str, data_dir: str, build, overwrite: bool = False) -> dict:
-    """`build(local_dir)` into a local folder, then the dataset's version folder is uploaded
-    to the bucket `data_dir`, dataset_info.json last: the ArrayRecord writer writes local
-    files only, and `prepared_dir` lists a version only once its dataset_info.json is there,
-    so a failed upload never looks like a prepared dataset."""
-    check_data_dir(data_dir)
-    existing = prepared_dir(name, data_dir)
-    if existing and not overwrite:
-        return {"name": name, "path": existing, "note": "already prepared"}
-    local = tempfile.mkdtemp(prefix="clip_jax_prepare_")
+def _check_sources(files: list[str], read: sources.ReadOptions) -> list[bool]:
+    """`sources.check_source` of each file, in order; a bucket's in parallel: each check is a
+    few requests, and 10,000 shards one after another would take many minutes."""
+    if not any(storage.is_remote(f) for f in files):
+        return [sources.check_source(f, read) for f in files]
+    with concurrent.futures.ThreadPoolExecutor(_BUCKET_CHECKS) as pool:
+        return list(pool.map(lambda f: sources.check_source(f, read), files))
+
+
+def build_into(name: str, data_dir: str, build: Callable[[str], object]):
+    """Returns `build(folder)`, which writes dataset `name` with tfds under `folder`, so that
+    `name` ends up prepared in `data_dir`. A local `data_dir` is `folder`: tfds writes a
+    temporary folder and renames it. A bucket has no rename (tfds' rename copies objects in
+    no set order, so a failure part-way could leave dataset_info.json beside missing
+    shards): the dataset is built in a staging folder of `data_dir`, then its version folder
+    is moved into place with dataset_info.json last, once the version it replaces is
+    deleted, dataset_info.json first. The staging folder is deleted either way."""
+    if not storage.is_remote(data_dir):
+        return build(data_dir)
+    staging = storage.join(data_dir, f".{name}-staging-{uuid.uuid4().hex}")
     try:
-        summary = build(local)
-        built = prepared_dir(name, local)
-        version = os.path.basename(built)
-        remote = storage.join(data_dir, name, version)
-        if existing:
-            storage.path(existing).rmtree()
-        summary["path"] = remote
-        for summary_file in glob.glob(os.path.join(built, "import_summary*.json")):
-            with open(summary_file, "w") as f:
-                json.dump(summary, f, indent=1)
-        info = os.path.join(local, "dataset_info.json")  # held back, uploaded last
-        os.replace(os.path.join(built, "dataset_info.json"), info)
-        storage.upload_tree(built, remote)
-        with open(info) as f:
-            storage.write_text(storage.join(remote, "dataset_info.json"), f.read())
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-    return summary
+        result = build(staging)
+        built = prepared_dir(name, staging)
+        target = storage.join(data_dir, name, built.rsplit("/", 1)[1])
+        for old in {prepared_dir(name, data_dir), target} - {None}:
+            storage.remove_tree(old, first=INFO_FILE)
+        storage.move_tree(built, target, last=INFO_FILE)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first failure is the one to report
+            storage.remove_tree(staging)
+        raise
+    storage.remove_tree(staging)
+    return result
 
 
 def prepare(name: str, data_dir: str | None = None, source=None, **kwargs) -> dict:
     """clip_demo when name == 'clip_demo' (no source), else an image-text import."""
-    d = paths.resolve_data_dir(data_dir)
-    if storage.is_remote(d) and name != DEMO_NAME:
-        if kwargs.get("split") and prepared_dir(name, d):
-            raise DataError(
-                f"--split={kwargs['split']}: adding a split to a dataset in a bucket ({d}) is "
-                "not supported; prepare the dataset in a local folder, then copy it"
-            )
-        runner = kwargs.get("beam_runner")
-        if runner and runner not in ("DirectRunner", "direct"):
-            raise DataError(
-                f"--beam_runner={runner} cannot write --data_dir={d}: ArrayRecord writes local "
-                "files only; pass a --data_dir that every worker mounts (NFS, gcsfuse), or use "
-                "DirectRunner (it builds locally, then uploads)"
-            )
-        return build_then_upload(
-            name,
-            d,
-            lambda local: prepare(name, local, source, **kwargs),
-            overwrite=kwargs.get("overwrite", False),
-        )
     if name == DEMO_NAME:
         if source:
             raise DataError(f"{DEMO_NAME} is generated, it takes no --source")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core import writer as writer_lib
+
+from clip_jax import storage
 
 
 def text_features() -> dict:
@@ -20,11 +24,31 @@ def text_features() -> dict:
     }
 
 
+class BucketWriter(writer_lib.ExampleWriter):
+    """tfds' shard writer, that also writes into a bucket: array_record's writer writes local
+    files only, so a shard bound for a bucket is written to a local temporary file, then
+    uploaded. Pickled with tfds' Beam writer, so each Beam worker writes its own shards."""
+
+    def write(self, path, examples):
+        target = os.fspath(path)
+        if not storage.is_remote(target):
+            return super().write(path, examples)
+        with tempfile.TemporaryDirectory(prefix="clip_jax_shard_") as tmp:
+            local = os.path.join(tmp, os.path.basename(target))
+            positions = super().write(local, examples)
+            storage.upload_file(local, target)
+        return positions
+
+
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """GeneratorBasedBuilder writing ArrayRecord, with a code path that does not depend on
-    how clip_jax was installed (tfds' own lookup fails for namespace/editable packages)."""
+    """GeneratorBasedBuilder writing ArrayRecord, locally or into a bucket, with a code path
+    that does not depend on how clip_jax was installed (tfds' own lookup fails for
+    namespace/editable packages)."""
 
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(os.path.abspath(sys.modules[cls.__module__].__file__))
+
+    def _example_writer(self) -> writer_lib.ExampleWriter:
+        return BucketWriter(file_format=self.info.file_format)

@@ -158,6 +158,8 @@ class Checker:
             return None, "empty caption"
         try:
             data = cand.load_image()
+        except FileNotFoundError:  # how a table's missing image in a bucket shows
+            return None, "missing image file"
         except OSError as e:
             return None, f"unreadable image file: {e.strerror or e}"
         if not data:

@@ -13,6 +13,10 @@ combine into a file in tfds' temporary dataset folder, read back into `builder.s
 the pipeline has run. A source that cannot be read does not stop its worker: once all are
 read, the import fails with a DataError naming them, before tfds renames its temporary
 folder, so nothing that looks prepared is left behind.
+
+Sources and data_dir may be in a bucket: workers read their sources from it and write their
+shards into it (`common.BucketWriter`), so runners whose workers share no disk (Dataflow)
+work; for those, a local data_dir, source or temp_location is refused up front.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import pickle
 import shlex
+from collections.abc import Sequence
 
 from clip_jax import storage
 from clip_jax.data.builders import image_text
@@ -59,12 +64,15 @@ _DIRECT_DEFAULTS = {
 }
 
 
-def pipeline_options(runner: str, options: str = "") -> dict:
+def pipeline_options(
+    runner: str, options: str = "", data_dir: str = "", sources: Sequence[str] = ()
+) -> dict:
     """`beam_runner` and `beam_options` for tfds' DownloadConfig, checked up front: an unknown
-    runner or option is a DataError. DirectRunner runs one worker process per CPU core unless
-    the options say otherwise."""
+    runner or option is a DataError, and so is a local `data_dir`, source or temp_location
+    on Dataflow. DirectRunner runs one worker process per CPU core unless the options say
+    otherwise."""
     try:
-        beam.runners.create_runner(runner)
+        created = beam.runners.create_runner(runner)
     except ValueError:
         raise DataError(
             f"unknown --beam_runner {runner!r}; pass DirectRunner, DataflowRunner, SparkRunner, "
@@ -94,11 +102,35 @@ def pipeline_options(runner: str, options: str = "") -> dict:
             "(measured with Beam 2.77: tfds' writer got fewer than were read); use "
             "--direct_running_mode=multi_processing"
         )
+    if isinstance(created, beam.runners.DataflowRunner):
+        _check_shared_nothing(runner, parsed, data_dir, sources)
     if runner in ("DirectRunner", "direct"):
         given = {f.split("=", 1)[0] for f in flags}
         flags += [f"{k}={v}" for k, v in _DIRECT_DEFAULTS.items() if k not in given]
         parsed = beam.options.pipeline_options.PipelineOptions(flags)
     return {"beam_runner": runner, "beam_options": parsed}
+
+
+def _check_shared_nothing(runner: str, parsed, data_dir: str, sources: Sequence[str]) -> None:
+    """Dataflow's workers share no disk with each other or this machine: what they read and
+    write must be in a bucket."""
+    local = [s for s in sources if not storage.is_remote(s)]
+    if local:
+        raise DataError(
+            f"--beam_runner={runner} workers cannot read the local --source {local[0]}; copy the "
+            "sources to a bucket and pass --source=gs://BUCKET/..."
+        )
+    if not storage.is_remote(data_dir):
+        raise DataError(
+            f"--beam_runner={runner} workers cannot write the local --data_dir {data_dir}; pass "
+            "--data_dir=gs://BUCKET/tensorflow_datasets"
+        )
+    temp = parsed.view_as(beam.options.pipeline_options.GoogleCloudOptions).temp_location
+    if not (temp or "").startswith("gs://"):
+        raise DataError(
+            f"--beam_runner={runner} needs a bucket for its temporary files; add "
+            "--temp_location=gs://BUCKET/beam_tmp to --beam_options"
+        )
 
 
 def _unknown_options(parsed) -> set[str]:

@@ -1,12 +1,16 @@
 """Reading a user's source: webdataset tar shards, JSONL or CSV files, or class folders.
 
 Nothing here depends on tfds; `ImageText` (image_text.py) turns the candidates into
-examples. Every problem with the *input as a whole* (missing path, empty source,
-unreadable tar, missing field) raises a one-line `DataError`; problems with one example
-(bad image, empty caption, duplicate key, a path outside the table's folder, text that
-is not valid in the table's encoding...) are yielded as a `Candidate` with `problem` set,
-so the builder counts them and carries on: every planted example is either written or
-counted as skipped with its reason.
+examples. Tar shards and JSONL/CSV files (and the images a table names) may be local paths or
+bucket URLs (`clip_jax.storage`), so that Beam workers sharing no disk can read them; class
+folders are read from local folders only.
+
+Every problem with the *input as a whole* (missing path, empty source, unreadable tar,
+missing field) raises a one-line `DataError`; problems with one example (bad image, empty
+caption, duplicate key, a path outside the table's folder, text that is not valid in the
+table's encoding...) are yielded as a `Candidate` with `problem` set, so the builder counts
+them and carries on: every planted example is either written or counted as skipped with
+its reason.
 
 Labelled sources (for zero-shot evaluation on the user's classes):
   * a folder of class sub-folders (the ImageFolder layout, FOLDER/CLASS/**/IMAGE): the
@@ -21,13 +25,15 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
-import glob
+import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from clip_jax import storage
 from clip_jax.data.errors import DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -152,6 +158,21 @@ def _kind(path: str) -> str | None:
     return None
 
 
+def _open(path: str):
+    """The file `path` (a local path or a bucket URL) opened for reading bytes."""
+    return storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")
+
+
+def _is_dir(path: str) -> bool:
+    with storage.access(path, "read"):
+        return storage.path(path).is_dir()
+
+
+def _exists(path: str) -> bool:
+    with storage.access(path, "read"):
+        return storage.path(path).exists()
+
+
 def _visible(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
@@ -173,20 +194,25 @@ def expand_sources(sources: Sequence[str] | str) -> list[str]:
     for src in sources:
         for path in expand_braces(src):
             if any(c in path for c in "*?["):
-                hits = sorted(glob.glob(path))
+                hits = storage.glob(path)
                 if not hits:
                     raise DataError(f"source pattern matches no file: {path} ({EXPECTED})")
                 files.extend(hits)
-            elif os.path.isdir(path):
-                inside = sorted(
-                    os.path.join(path, f)
-                    for f in os.listdir(path)
-                    if _kind(f) in ("tar", "jsonl", "csv") and os.path.isfile(os.path.join(path, f))
-                )
+            elif _is_dir(path):
+                inside = [
+                    storage.join(path, f)
+                    for f in storage.list_files(path)
+                    if _kind(f) in ("tar", "jsonl", "csv")
+                ]
                 tars = [f for f in inside if _kind(f) == "tar"]
                 inside = tars or inside
                 if inside:
                     files.extend(inside)
+                elif storage.is_remote(path):
+                    raise DataError(
+                        f"source folder holds no .tar, .jsonl or .csv file: {path} (class "
+                        "sub-folders are read from local folders only)"
+                    )
                 elif class_folders(path):
                     files.append(path)
                 else:
@@ -194,7 +220,7 @@ def expand_sources(sources: Sequence[str] | str) -> list[str]:
                         f"source folder holds no .tar, .jsonl or .csv file and no class "
                         f"sub-folder: {path} ({EXPECTED})"
                     )
-            elif os.path.exists(path):
+            elif _exists(path):
                 files.append(path)
             else:
                 raise DataError(f"source not found: {path} ({EXPECTED})")
@@ -233,16 +259,18 @@ def check_source(path: str, options: ReadOptions) -> bool:
                     f"pass the files, e.g. --source='{path}/*/*.tar'"
                 )
             return bool(first)
-        if os.path.getsize(path) == 0:
-            return False
-        if kind == "tar":
-            if options.label_field:
-                raise DataError(
-                    f"--label_field applies to JSONL/CSV sources; {path} is a tar shard "
-                    "(import labelled images as class sub-folders or a table)"
-                )
-            with tarfile.open(path, "r:*") as tf:
-                return tf.next() is not None
+        if kind == "tar" and options.label_field:
+            raise DataError(
+                f"--label_field applies to JSONL/CSV sources; {path} is a tar shard "
+                "(import labelled images as class sub-folders or a table)"
+            )
+        with _open(path) as f:
+            if not f.read(1):
+                return False
+            f.seek(0)
+            if kind == "tar":
+                with tarfile.open(fileobj=f, mode="r:*") as tf:
+                    return tf.next() is not None
         rows = _table_rows(path, options.encoding)
         try:
             first = next(rows, None)
@@ -340,7 +368,7 @@ def iter_tar(path: str) -> Iterator[Candidate]:
         return Candidate(key, origin, captions, (lambda: data), problem)
 
     try:
-        with tarfile.open(path, "r|*") as tf:
+        with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             key, members, seen = None, {}, set()
             for info in tf:
                 if not info.isfile():
@@ -368,13 +396,15 @@ def _table_rows(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, dict 
     Bytes not valid in `encoding` reach the row as surrogates (see `_is_valid_text`)."""
     if codecs.lookup(encoding).name == "utf-8":
         encoding = "utf-8-sig"  # a byte-order mark (as spreadsheets write) is not data
-    if _kind(path) == "csv":
-        with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+    csv_file = _kind(path) == "csv"
+    with io.TextIOWrapper(
+        _open(path), encoding=encoding, errors="surrogateescape", newline="" if csv_file else None
+    ) as f:
+        if csv_file:
             reader = csv.DictReader(f)
             for row in reader:
                 yield reader.line_num, row
-        return
-    with open(path, encoding=encoding, errors="surrogateescape") as f:
+            return
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -388,7 +418,7 @@ def _table_rows(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, dict 
 
 def _read_file(path: str) -> Callable[[], bytes]:
     def load():
-        with open(path, "rb") as f:
+        with _open(path) as f:
             return f.read()
 
     return load
@@ -409,12 +439,19 @@ def _label_of(value) -> tuple[str | None, str | None]:
 
 def _image_path(base: str, img: str, allow_outside: bool) -> tuple[str, str | None]:
     """(full path, None) or (full path, skip reason) for a row's image path. Checked on the
-    path as written (absolute, or '..' climbing out), so a symlink the folder's owner put
-    inside the folder is followed."""
-    full = os.path.normpath(os.path.join(base, img))
+    path as written (absolute, a bucket URL, or '..' climbing out), so a symlink the folder's
+    owner put inside the folder is followed. `base` may be a bucket URL."""
+    if storage.is_remote(img):
+        full = img
+    elif storage.is_remote(base):
+        scheme, rest = base.split("://", 1)
+        full = f"{scheme}://{posixpath.normpath(posixpath.join(rest, img))}"
+    else:
+        full = os.path.normpath(os.path.join(base, img))
     if allow_outside:
         return full, None
-    if os.path.isabs(img) or os.path.commonpath([base, full]) != base:
+    inside = full == base or full.startswith(base.rstrip("/") + "/")
+    if os.path.isabs(img) or storage.is_remote(img) or not inside:
         return full, "image path outside the table's folder (pass --allow_outside_paths to read it)"
     return full, None
 
@@ -447,7 +484,8 @@ def iter_table(path: str, options: ReadOptions) -> Iterator[Candidate]:
     label) are merged into one example with several captions. Image paths are relative
     to the file's folder. Consecutive rows with the same key but another image or label
     are skipped as 'duplicate key' (the first is kept)."""
-    base = os.path.dirname(os.path.abspath(path))
+    remote = storage.is_remote(path)
+    base = path.rsplit("/", 1)[0] if remote else os.path.dirname(os.path.abspath(path))
     short = printable(os.path.basename(path))
     pending: Candidate | None = None
     pending_image = None
@@ -491,7 +529,9 @@ def iter_table(path: str, options: ReadOptions) -> Iterator[Candidate]:
             yield pending
         full, outside = _image_path(base, img, options.allow_outside_paths)
         problem = problem or outside
-        if problem is None and not os.path.isfile(full):
+        # A missing object in a bucket is found when it is read (Checker): one request
+        # per row here would be slower than reading the images.
+        if problem is None and not storage.is_remote(full) and not os.path.isfile(full):
             problem = "missing image file"
         pending = Candidate(key, origin, captions, _read_file(full), problem, label)
         pending_image = img
