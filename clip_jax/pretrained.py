@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from clip_jax import storage
 from clip_jax.data import images as image_ops
@@ -76,10 +75,13 @@ def save(
     source: dict,
 ) -> str:
     """Writes ``directory`` (must not exist or be empty); returns its absolute path."""
-    path = epath.Path(directory).absolute()
-    if path.exists() and any(path.iterdir()):
+    path = storage.path(directory)  # a bucket URL as it is, a local path made absolute
+    with storage.access(directory, "write to"):
+        occupied = path.exists() and any(path.iterdir())
+        if not occupied:
+            path.mkdir(parents=True, exist_ok=True)
+    if occupied:
         raise PretrainedError(f"{path}: output directory is not empty")
-    path.mkdir(parents=True, exist_ok=True)
     arrays = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "params", arrays)

@@ -4,6 +4,8 @@ GCS (gcp-storage-emulator) end to end: a demo smoke run whose workdir and data_d
 the bucket writes its checkpoints, metrics.jsonl, config.json and eval JSON there, is
 SIGTERMed, resumes from the bucket with exactly the losses and parameters of an
 uninterrupted local run, and is evaluated by `python -m clip_jax.evaluate --workdir=gs://...`.
+JSONL/CSV sources in the bucket read as their local copies, and a dataset moved into place
+gets its dataset_info.json last (imports of tar shards in a bucket: tests/test_beam_import.py).
 S3 (moto) for the files our code writes itself, and the one-line errors: an unreachable
 endpoint, missing credentials, a client package that is not installed, and the s3://
 workdir that orbax cannot checkpoint to.
@@ -13,74 +15,20 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import chex
+import data_helpers
 import pytest
+from local_servers import BUCKET, free_port
 from one_process import TOTAL_STEPS, start_training
 from test_predict import run_predict, save_tiny_pretrained, write_images
 from test_train import DEMO
 
 from clip_jax import storage
+from clip_jax.data.builders import image_text, sources
 from clip_jax.metric_writers import METRICS_FILE
-
-BUCKET = "clip-bucket"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _send_generation_headers() -> None:
-    """Real GCS sends an object's generation as `x-goog-generation` with its bytes; the
-    emulator does not, and tensorstore (checkpoint reads) refuses a read without it. Adds
-    the header to the emulator's downloads (test infrastructure; nothing of ours changes)."""
-    from gcp_storage_emulator import server  # noqa: PLC0415 (test-only server)
-    from gcp_storage_emulator.handlers import objects  # noqa: PLC0415 (test-only server)
-
-    original = objects.download
-    if getattr(original, "sends_generation", False):
-        return
-
-    def download(request, response, storage, *args, **kwargs):
-        try:
-            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-            response["x-goog-generation"] = str(obj["generation"])
-        except Exception:  # a missing object: the original handler answers 404
-            pass
-        return original(request, response, storage, *args, **kwargs)
-
-    download.sends_generation = True
-    objects.download = download
-    for _, handlers in server.HANDLERS:
-        for method, handler in list(handlers.items()):
-            if handler is original:
-                handlers[method] = download
-
-
-@pytest.fixture(scope="module")
-def gcs_url():
-    from gcp_storage_emulator.server import create_server  # noqa: PLC0415 (test-only server)
-
-    _send_generation_headers()
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def gcs(gcs_url, monkeypatch):
-    """This process and its subprocesses talk to the emulator (the standard variable only)."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_url)
-    for derived in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
-        monkeypatch.delenv(derived, raising=False)
-    return gcs_url
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +216,101 @@ def test_bucket_path_without_its_client_package(scheme, package, tmp_path):
         prelude=blocked,
     )
     assert_one_line_error(status, err, f"{scheme}://{BUCKET}/run", package, "pip install")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_table_in_a_bucket_reads_as_its_local_copy(gcs, tmp_path, fmt):
+    """A table naming images beside it, uploaded: the same candidates, examples and skip
+    reasons as the local folder (a missing image and a path outside the folder included)."""
+    folder = str(tmp_path / fmt)
+    table = data_helpers.write_table(folder, data_helpers.make_cases(), fmt)
+    extra = [("images/missing.jpg", "gone"), ("../outside.jpg", "out")]
+    with open(table, "a", encoding="utf-8") as f:
+        for image, caption in extra:
+            row = {"image": image, "caption": caption}
+            f.write(json.dumps(row) + "\n" if fmt == "jsonl" else f"{image},{caption}\n")
+    url = f"gs://{BUCKET}/tables/{fmt}"
+    storage.upload_tree(folder, url)
+    assert sources.expand_sources(url) == [f"{url}/captions.{fmt}"]
+    assert sources.expand_sources(f"{url}/*.{fmt}") == [f"{url}/captions.{fmt}"]
+
+    check = image_text.Checker(image_text.ImportConfig(sources=[]))
+    read = sources.ReadOptions()
+
+    def checked(path):
+        assert sources.check_source(path, read)
+        return [(c.key, c.origin, *check(c)) for c in sources.iter_source(path, read)]
+
+    remote = checked(f"{url}/captions.{fmt}")
+    assert remote == checked(table)
+    reasons = {
+        note.split(" (")[0].split(":")[0] for _, _, example, note in remote if example is None
+    }
+    assert {
+        "missing image file",
+        "corrupt image",
+        "image path outside the table's folder",
+    } <= reasons
+    assert sum(example is not None for _, _, example, _ in remote) >= 8
+
+
+def test_move_tree_failing_part_way_leaves_no_last_file(gcs, monkeypatch):
+    """A dataset moved into place whose move fails part-way never gets its dataset_info.json
+    (tfds' own folder rename copies objects in no set order)."""
+    src, dst = f"gs://{BUCKET}/move/staged", f"gs://{BUCKET}/move/published"
+    names = ["a-train.array_record-00000-of-00002", "b-train.array_record-00001-of-00002"]
+    for name in [*names, "dataset_info.json", "features.json"]:
+        storage.write_text(f"{src}/{name}", name)
+    import gcsfs  # noqa: PLC0415 (a client of the emulated bucket, after the env is set)
+
+    original = gcsfs.GCSFileSystem._cp_file
+
+    async def copy_but_one(self, path1, path2, **kwargs):
+        if path1.endswith(names[1]):
+            raise OSError("connection reset")
+        return await original(self, path1, path2, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(storage.StorageError, match=f"move to {dst} "):
+        m.setattr(gcsfs.GCSFileSystem, "_cp_file", copy_but_one)
+        storage.move_tree(src, dst, last="dataset_info.json")
+    assert not storage.is_file(f"{dst}/dataset_info.json")
+    assert storage.is_file(f"{src}/dataset_info.json")  # nothing deleted before the end
+
+    storage.move_tree(src, dst, last="dataset_info.json")
+    assert storage.read_text(f"{dst}/dataset_info.json") == "dataset_info.json"
+    assert not storage.path(src).exists()
+
+
+def test_convert_writes_both_directions_into_a_bucket(gcs, tmp_path):
+    """`python -m clip_jax.convert --output=gs://...`: a pretrained directory and a Hugging
+    Face export in the bucket, equal to the ones written locally."""
+    from test_convert import SOURCES, fixture  # noqa: PLC0415 (the converter's fixtures)
+
+    from clip_jax import convert, pretrained  # noqa: PLC0415 (after the env is set)
+
+    source, fmt, _, _ = SOURCES["hf_clip"]
+    local = convert.convert(fixture(source), fmt, str(tmp_path / "pretrained"))
+    local_hf = convert.export_hf(local, str(tmp_path / "hf"))
+    remote, remote_hf = f"gs://{BUCKET}/convert/pretrained", f"gs://{BUCKET}/convert/hf"
+    for args in (
+        ["--source", fixture(source), "--format", fmt, "--output", remote],
+        ["--to", "hf", "--source", remote, "--output", remote_hf],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "clip_jax.convert", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stdout.strip() == f"wrote {args[-1]}"
+    chex.assert_trees_all_equal(pretrained.load(remote).variables, pretrained.load(local).variables)
+    for name in ("model.safetensors", "config.json"):
+        with open(os.path.join(local_hf, name), "rb") as f:
+            assert storage.path(f"{remote_hf}/{name}").read_bytes() == f.read(), name
+    # A second export into the same folder is refused, as locally.
+    status, err = cli_error(
+        ["clip_jax.convert", "--to=hf", f"--source={remote}", f"--output={remote_hf}"]
+    )
+    assert status == 2 and "Traceback" not in err and "not empty" in err, err

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from clip_jax import pretrained
+from clip_jax import pretrained, storage
 from clip_jax.convert.errors import ConvertError
 from clip_jax.convert.layout import INVERSE, flatten
 from clip_jax.convert.mapping import tensor_map
@@ -17,7 +18,7 @@ from clip_jax.convert.mapping import tensor_map
 
 def export_hf(checkpoint: str, output: str) -> str:
     """Writes a Hugging Face ``CLIPModel`` folder (config.json + model.safetensors) for a
-    clip_jax pretrained directory with a ViT image tower."""
+    clip_jax pretrained directory with a ViT image tower; ``output`` may be in a bucket."""
     try:
         ckpt = pretrained.load(checkpoint)
     except pretrained.PretrainedError as e:
@@ -35,13 +36,16 @@ def export_hf(checkpoint: str, output: str) -> str:
         e.source: np.asarray(INVERSE[e.kind](np.asarray(flat[e.target])))
         for e in tensor_map("hf", config)
     }
-    if os.path.exists(output) and os.listdir(output):
+    out = storage.path(output)
+    with storage.access(output, "write to"):
+        occupied = out.exists() and any(out.iterdir())
+        if not occupied:
+            out.mkdir(parents=True, exist_ok=True)
+    if occupied:
         raise ConvertError(f"{output}: output directory is not empty")
-    os.makedirs(output, exist_ok=True)
-    save_file(
+    _write_safetensors(
         {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
-        os.path.join(output, "model.safetensors"),
-        metadata={"format": "pt"},
+        storage.join(output, "model.safetensors"),
     )
     v, t = config.vision, config.text
     act = config.activation
@@ -79,6 +83,17 @@ def export_hf(checkpoint: str, output: str) -> str:
             projection_dim=config.embed_dim,
         ),
     }
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(hf, f, indent=1)
-    return os.path.abspath(output)
+    storage.write_text(storage.join(output, "config.json"), json.dumps(hf, indent=1))
+    return storage.resolve(output)
+
+
+def _write_safetensors(tensors: dict, target: str) -> None:
+    """safetensors writes local files only: a bucket target is written locally, then
+    uploaded (streamed; an L/14 is 1.7 GB)."""
+    if not storage.is_remote(target):
+        save_file(tensors, target, metadata={"format": "pt"})
+        return
+    with tempfile.TemporaryDirectory() as local:
+        staged = os.path.join(local, "model.safetensors")
+        save_file(tensors, staged, metadata={"format": "pt"})
+        storage.upload_file(staged, target)
