@@ -124,21 +124,32 @@ def test_beam_import_writes_the_single_process_dataset(shards, single, tmp_path)
         assert beamed[field] == single[field], field
 
 
-def test_unreadable_shards_fail_the_beam_import_by_name_and_leave_nothing(shards, tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_unreadable_shards_fail_the_beam_import_by_name_and_leave_nothing(
+    where, shards, tmp_path, request
+):
     folder = str(tmp_path / "shards")
     shutil.copytree(shards[0], folder)
     for bad in ("shard-00002.tar", "shard-00003.tar"):
         cut_inside_a_member(os.path.join(folder, bad))
-    d = str(tmp_path / "tfds")
+    source, d = folder, str(tmp_path / "tfds")
+    if where == "bucket":
+        request.getfixturevalue("gcs")
+        source, d = f"gs://{BUCKET}/broken/shards", f"gs://{BUCKET}/broken/tfds"
+        storage.upload_tree(folder, source)
     res = prepare_cli(
-        folder, d, "broken", "--beam_runner=DirectRunner", f"--beam_options={TWO_WORKERS}"
+        source, d, "broken", "--beam_runner=DirectRunner", f"--beam_options={TWO_WORKERS}"
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    # Both named: the workers read every shard (the first is named, the others counted).
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot read tar file {folder}/shard-00002.tar: "), last
-    assert last.endswith(f"and 1 more unreadable source(s): {folder}/shard-00003.tar"), last
-    # Nothing that looks prepared: no version folder, no temporary folder left behind.
+    assert last.startswith(f"error: cannot read tar file {source}/shard-00002.tar: "), last
+    assert last.endswith(f"and 1 more unreadable source(s): {source}/shard-00003.tar"), last
+    # Nothing that looks prepared: no version folder, no staging or temporary folder left.
     assert prepared_dir("broken", d) is None
+    if where == "bucket":
+        assert bucket_files(d) == []
+        return
     assert not os.path.exists(os.path.join(d, "broken")) or not os.listdir(
         os.path.join(d, "broken")
     )
@@ -231,23 +242,3 @@ def test_beam_import_from_and_into_a_bucket(bucket_shards, single, monkeypatch, 
     assert again["path"] == path and again["splits"] == single["splits"]
     assert records("beamed", d, "validation") == records("single", single_dir, "validation")
     assert bucket_files(d) == [f"beamed/1.0.0/{f}" for f in expected]
-
-
-def test_unreadable_shards_in_a_bucket_fail_by_name_and_leave_nothing(gcs, shards, tmp_path):
-    folder = str(tmp_path / "shards")
-    shutil.copytree(shards[0], folder)
-    for bad in ("shard-00002.tar", "shard-00003.tar"):
-        cut_inside_a_member(os.path.join(folder, bad))
-    url = f"gs://{BUCKET}/broken/shards"
-    storage.upload_tree(folder, url)
-    d = f"gs://{BUCKET}/broken/tfds"
-    res = prepare_cli(
-        url, d, "broken", "--beam_runner=DirectRunner", f"--beam_options={TWO_WORKERS}"
-    )
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    # Both named: the workers read every shard (the first is named, the others counted).
-    last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot read tar file {url}/shard-00002.tar: "), last
-    assert last.endswith(f"and 1 more unreadable source(s): {url}/shard-00003.tar"), last
-    assert prepared_dir("broken", d) is None
-    assert bucket_files(d) == []  # no version, staging or temporary folder
