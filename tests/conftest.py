@@ -5,6 +5,9 @@ module runs jax; subprocesses (the preemption and multi-process tests) inherit t
 """
 
 import os
+import shutil
+import tempfile
+import uuid
 
 import chex
 
@@ -23,6 +26,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # bucket is zonal; clip_jax.storage turns that off only when the emulator is set before the
 # import, and a test may resolve a gs:// path without the emulator first.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# One persistent compilation cache per test run, shared by both xdist workers and the
+# training subprocesses they start: dozens of runs compile the same demo step (a cold cache
+# took the preemption, resume and train tests from 303 s to 214 s). Per run, so that no run
+# depends on what an earlier one left.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+_OWN_CACHE = None  # the cache this process made (a user's own is kept)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.path.join(tempfile.gettempdir(), f"clip_jax_tests_{_RUN}")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 chex.set_n_cpu_devices(8)  # through XLA_FLAGS too, so subprocesses see the same devices
 
 import jax  # noqa: E402
@@ -80,3 +92,10 @@ def gcs(gcs_url, monkeypatch):
     for derived in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
         monkeypatch.delenv(derived, raising=False)
     return gcs_url
+
+
+def pytest_sessionfinish(session):
+    """The run's compilation cache goes with it (the xdist controller, or a run without
+    workers, removes it once every worker is done)."""
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
