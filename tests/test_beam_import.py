@@ -21,8 +21,9 @@ from local_servers import BUCKET
 
 from clip_jax import storage
 from clip_jax.data.builders import common
+from clip_jax.data.catalog import prepared_dir
 from clip_jax.data.errors import DataError
-from clip_jax.data.prepare import prepare, prepare_image_text, prepared_dir
+from clip_jax.data.prepare import prepare, prepare_image_text
 
 tfds.disable_progress_bar()
 

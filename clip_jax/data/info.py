@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from clip_jax import storage
-from clip_jax.data.prepare import not_prepared_error, prepared_dir
+from clip_jax.data.catalog import not_prepared_error, prepared_dir
 from clip_jax.data.source import Source, record_captions
 
 

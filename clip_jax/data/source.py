@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from clip_jax import storage
 from clip_jax.data import paths
-from clip_jax.data.prepare import ensure_prepared, not_prepared_error, prepared_dir
+from clip_jax.data.catalog import not_prepared_error, prepared_dir
+from clip_jax.data.prepare import ensure_prepared
 
 
 def _open(name: str, split: str, data_dir: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clip_jax.data import info, prepare
+from clip_jax.data import catalog, info, prepare
 from clip_jax.errors import UserError
 from clip_jax.eval import classnames, templates
 from clip_jax.eval.evaluators import build_evaluators
@@ -35,7 +35,7 @@ def check_tasks(
         raise TaskError(f"eval.tasks: {e}") from e
     for ev in evaluators:
         splits = sorted({ev.split, ev.cfg.get("train_split", ev.split)})
-        if ev.dataset == prepare.DEMO_NAME and prepare.prepared_dir(ev.dataset, data_dir) is None:
+        if ev.dataset == catalog.DEMO_NAME and catalog.prepared_dir(ev.dataset, data_dir) is None:
             continue
         try:
             prepare.ensure_prepared(ev.dataset, data_dir, splits=splits)
