@@ -118,9 +118,7 @@ def evaluate_checkpoint(
         return _evaluate_pretrained(config, workdir, tasks)
     storage.require(workdir, "checkpoints", "--workdir")
     ckpt_dir = storage.join(workdir, "checkpoints")
-    with storage.access(ckpt_dir, "read"):
-        found = storage.path(ckpt_dir).is_dir()
-    if not found:
+    if not storage.is_dir(ckpt_dir):
         raise EvaluationError(
             f"no checkpoints in {ckpt_dir} (directory missing); pass the run's --workdir"
         )

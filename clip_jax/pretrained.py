@@ -76,11 +76,7 @@ def save(
 ) -> str:
     """Writes ``directory`` (must not exist or be empty); returns its absolute path."""
     path = storage.path(directory)  # a bucket URL as it is, a local path made absolute
-    with storage.access(directory, "write to"):
-        occupied = path.exists() and any(path.iterdir())
-        if not occupied:
-            path.mkdir(parents=True, exist_ok=True)
-    if occupied:
+    if not storage.new_dir(directory):
         raise PretrainedError(f"{path}: output directory is not empty")
     arrays = jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
     checkpointer = ocp.StandardCheckpointer()
@@ -142,9 +138,7 @@ def load(directory: str) -> Pretrained:
     except (KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{directory}/config.json: bad 'model' entry ({e})") from None
     params_dir = storage.path(directory) / "params"
-    with storage.access(params_dir, "read"):
-        found = params_dir.exists()
-    if not found:
+    if not storage.exists(params_dir):
         raise PretrainedError(f"{params_dir}: not found (the Orbax params item)")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(

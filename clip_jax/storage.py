@@ -27,6 +27,7 @@ import importlib
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -147,10 +148,11 @@ def _hint(p: str, error: BaseException) -> str:
 @contextlib.contextmanager
 def access(p: str | os.PathLike, doing: str) -> Iterator[None]:
     """Turns a client's failure on a bucket URL into one StorageError naming `p` and the fix;
-    local paths keep their OSError (the command lines print those in one line too)."""
+    local paths keep their OSError (the command lines print those in one line too). Our own
+    errors raised inside (already one line with the fix) pass through unchanged."""
     try:
         yield
-    except StorageError:
+    except UserError:
         raise
     except Exception as e:  # each client (botocore, aiohttp, google-auth) has its own errors
         if not is_remote(p):
@@ -201,6 +203,44 @@ def is_file(p: str | os.PathLike) -> bool:
     """Whether `p` is a file; an unreachable bucket is a StorageError, never "no"."""
     with access(p, "read"):
         return path(p).is_file()
+
+
+def is_dir(p: str | os.PathLike) -> bool:
+    """Whether `p` is a folder (a bucket URL: whether objects lie under it); an unreachable
+    bucket is a StorageError, never "no"."""
+    with access(p, "read"):
+        return path(p).is_dir()
+
+
+def exists(p: str | os.PathLike) -> bool:
+    """Whether `p` is a file or a folder; an unreachable bucket is a StorageError, never "no"."""
+    with access(p, "read"):
+        return path(p).exists()
+
+
+def new_dir(p: str | os.PathLike) -> bool:
+    """Creates folder `p` (and its parents) unless it already holds something, and says
+    whether it did: an output folder is never mixed with what was there."""
+    folder = path(p)
+    with access(p, "write to"):
+        if folder.exists() and any(folder.iterdir()):
+            return False
+        folder.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def local_file(target: str | os.PathLike) -> Iterator[str]:
+    """A local path through which to write `target`, for writers that write local files
+    only (array_record, safetensors): `target` itself when local; for a bucket URL, a
+    temporary file, uploaded to `target` once the block ends without an error, then deleted."""
+    if not is_remote(target):
+        yield os.fspath(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="clip_jax_upload_") as tmp:
+        local = os.path.join(tmp, os.path.basename(os.fspath(target)))
+        yield local
+        upload_file(local, os.fspath(target))
 
 
 def read_text(p: str | os.PathLike) -> str:

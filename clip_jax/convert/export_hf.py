@@ -4,8 +4,6 @@ model.safetensors): the HF tensor map run backwards."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -36,17 +34,14 @@ def export_hf(checkpoint: str, output: str) -> str:
         e.source: np.asarray(INVERSE[e.kind](np.asarray(flat[e.target])))
         for e in tensor_map("hf", config)
     }
-    out = storage.path(output)
-    with storage.access(output, "write to"):
-        occupied = out.exists() and any(out.iterdir())
-        if not occupied:
-            out.mkdir(parents=True, exist_ok=True)
-    if occupied:
+    if not storage.new_dir(output):
         raise ConvertError(f"{output}: output directory is not empty")
-    _write_safetensors(
-        {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
-        storage.join(output, "model.safetensors"),
-    )
+    with storage.local_file(storage.join(output, "model.safetensors")) as local:
+        save_file(
+            {k: np.array(v, np.float32, order="C") for k, v in tensors.items()},
+            local,
+            metadata={"format": "pt"},
+        )
     v, t = config.vision, config.text
     act = config.activation
     text_cfg = dict(
@@ -85,15 +80,3 @@ def export_hf(checkpoint: str, output: str) -> str:
     }
     storage.write_text(storage.join(output, "config.json"), json.dumps(hf, indent=1))
     return storage.resolve(output)
-
-
-def _write_safetensors(tensors: dict, target: str) -> None:
-    """safetensors writes local files only: a bucket target is written locally, then
-    uploaded (streamed; an L/14 is 1.7 GB)."""
-    if not storage.is_remote(target):
-        save_file(tensors, target, metadata={"format": "pt"})
-        return
-    with tempfile.TemporaryDirectory() as local:
-        staged = os.path.join(local, "model.safetensors")
-        save_file(tensors, staged, metadata={"format": "pt"})
-        storage.upload_file(staged, target)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,14 +29,8 @@ class BucketWriter(writer_lib.ExampleWriter):
     uploaded. Pickled with tfds' Beam writer, so each Beam worker writes its own shards."""
 
     def write(self, path, examples):
-        target = os.fspath(path)
-        if not storage.is_remote(target):
-            return super().write(path, examples)
-        with tempfile.TemporaryDirectory(prefix="clip_jax_shard_") as tmp:
-            local = os.path.join(tmp, os.path.basename(target))
-            positions = super().write(local, examples)
-            storage.upload_file(local, target)
-        return positions
+        with storage.local_file(path) as local:
+            return super().write(local, examples)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -163,16 +163,6 @@ def _open(path: str):
     return storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")
 
 
-def _is_dir(path: str) -> bool:
-    with storage.access(path, "read"):
-        return storage.path(path).is_dir()
-
-
-def _exists(path: str) -> bool:
-    with storage.access(path, "read"):
-        return storage.path(path).exists()
-
-
 def _visible(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
@@ -198,7 +188,7 @@ def expand_sources(sources: Sequence[str] | str) -> list[str]:
                 if not hits:
                     raise DataError(f"source pattern matches no file: {path} ({EXPECTED})")
                 files.extend(hits)
-            elif _is_dir(path):
+            elif storage.is_dir(path):
                 inside = [
                     storage.join(path, f)
                     for f in storage.list_files(path)
@@ -220,7 +210,7 @@ def expand_sources(sources: Sequence[str] | str) -> list[str]:
                         f"source folder holds no .tar, .jsonl or .csv file and no class "
                         f"sub-folder: {path} ({EXPECTED})"
                     )
-            elif _exists(path):
+            elif storage.exists(path):
                 files.append(path)
             else:
                 raise DataError(f"source not found: {path} ({EXPECTED})")
