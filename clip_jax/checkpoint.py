@@ -14,6 +14,7 @@ step, never deleted) by `restore_latest`, which then tries the step before it.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import sys
 import time
@@ -62,11 +63,23 @@ def _from_abandoned_restore(unraisable) -> bool:
     return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
 
 
+class _AbandonedRestoreTasks(logging.Filter):
+    """asyncio's 'Task exception was never retrieved' for Orbax's own read tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[2] is not None:
+            frames = traceback.extract_tb(record.exc_info[2])
+            if any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames):
+                return False
+        return f"{os.sep}orbax{os.sep}" not in record.getMessage()
+
+
 def _drop_abandoned_restore_errors() -> None:
     """After a failed restore, the reads still in flight finish in tensorstore and hand their
-    results (often errors too) to Orbax's coroutines and event loop, closed by then: each prints
-    a traceback as an unraisable exception, hundreds in all. Those are dropped from now on; the
-    restore's own error has been reported."""
+    results (often errors too) to Orbax's coroutines and event loop, closed by then. Each prints
+    a traceback: as an unraisable exception, or through asyncio's logger when the garbage
+    collector finds a task whose error nobody retrieved; hundreds in all. Those are dropped from
+    now on; the restore's own error has been reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_restores", False):
         return
@@ -77,6 +90,7 @@ def _drop_abandoned_restore_errors() -> None:
 
     hook.drops_abandoned_restores = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedRestoreTasks())
 
 
 class Checkpointer:
