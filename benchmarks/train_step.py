@@ -28,7 +28,7 @@ from clip_jax import config as config_lib
 from clip_jax import flops, losses, optim, sharding
 from clip_jax import step as step_lib
 from clip_jax.models.clip import attention_shapes
-from clip_jax.models.layers import cudnn_attention_problem
+from clip_jax.models.layers import chosen_attention
 
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant].", lock_config=False
@@ -72,7 +72,7 @@ def attention_used(model_config) -> str:
     if model_config.attention != "auto":
         return model_config.attention
     image, text = (
-        "xla" if cudnn_attention_problem(model_config.dtype, *shape) else "cudnn"
+        chosen_attention("auto", model_config.dtype, *shape)
         for shape in attention_shapes(model_config)
     )
     return f"auto (image {image}, text {text})"

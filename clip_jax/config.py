@@ -366,8 +366,8 @@ def validate(
 def _check_cudnn_attention(model: ml_collections.ConfigDict) -> None:
     """model.attention='cudnn' on this run's devices, compute dtype and both towers' shapes."""
     named = get_config(model.name)
-    for seq_len, head_dim in attention_shapes(named):
-        problem = cudnn_attention_problem(model.dtype, seq_len, head_dim)
+    for _lengths, head_dim in attention_shapes(named):
+        problem = cudnn_attention_problem(model.dtype, head_dim)
         if problem:
             raise ConfigError(
                 f"model.attention='cudnn' does not apply to {model.name} here: {problem}; "

@@ -1,5 +1,6 @@
 """The attention core: the XLA path against a numpy reference (with the text tower's causal
-mask), where cuDNN's fused kernel applies, and `model.attention='cudnn'` off an NVIDIA GPU."""
+mask), the odd lengths padded for cuDNN against jax's unpadded attention, where cuDNN's fused
+kernel applies, and `model.attention='cudnn'` off an NVIDIA GPU."""
 
 import types
 
@@ -11,7 +12,12 @@ from test_cli_errors import assert_one_line_error, train_cli
 
 from clip_jax import config as config_lib
 from clip_jax.models.clip import attention_shapes
-from clip_jax.models.layers import attention, cudnn_attention_problem
+from clip_jax.models.layers import (
+    attention,
+    chosen_attention,
+    cudnn_attention_problem,
+    even_length_attention,
+)
 from clip_jax.models.registry import get_config
 
 
@@ -52,33 +58,79 @@ def _gpu(capability, kind="NVIDIA H100 80GB HBM3"):
 
 
 @pytest.mark.parametrize(
-    "device, dtype, seq_len, head_dim, words",
+    "causal, lengths",
+    [(True, (7, 7)), (False, (7, 7)), (False, (1, 9)), (False, (6, 6))],
+    ids=["text", "vit", "resnet-pool", "even"],
+)
+def test_odd_lengths_padded_for_cudnn_equal_unpadded_attention(causal, lengths):
+    """The padding cuDNN gets, run here through jax's XLA attention (the same masking
+    arguments): values against numpy, gradients against jax's unpadded attention."""
+    rng = np.random.default_rng(2)
+    (length_q, length_kv), shape = lengths, (3, 4, 16)
+    q = rng.normal(size=(shape[0], length_q, *shape[1:])).astype(np.float32)
+    k, v = (rng.normal(size=(shape[0], length_kv, *shape[1:])).astype(np.float32) for _ in "kv")
+    cotangent = rng.normal(size=q.shape).astype(np.float32)
+
+    def padded(q, k, v):
+        return jnp.vdot(even_length_attention(q, k, v, causal, implementation="xla"), cotangent)
+
+    def unpadded(q, k, v):
+        return jnp.vdot(jax.nn.dot_product_attention(q, k, v, is_causal=causal), cotangent)
+
+    got = jax.jit(lambda q, k, v: even_length_attention(q, k, v, causal, "xla"))(q, k, v)
+    assert got.shape == q.shape
+    np.testing.assert_allclose(got, reference_attention(q, k, v, causal), rtol=1e-5, atol=1e-6)
+    got_grads = jax.jit(jax.grad(padded, argnums=(0, 1, 2)))(q, k, v)
+    want_grads = jax.grad(unpadded, argnums=(0, 1, 2))(q, k, v)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, head_dim, words",
     [
-        (None, "bfloat16", 50, 64, "needs an NVIDIA GPU, not cpu"),  # this machine's CPU
-        (_gpu("gfx90a", "AMD Instinct MI250X"), "bfloat16", 50, 64, "needs an NVIDIA GPU"),
-        (_gpu("7.0", "Tesla V100"), "bfloat16", 50, 64, "compute capability >= 8.0"),
-        (_gpu("9.0"), "float32", 50, 64, "bfloat16 or float16"),
-        (_gpu("9.0"), "bfloat16", 50, 100, "multiple of 8"),
-        (_gpu("8.0"), "bfloat16", 50, 256, "at most 128"),
-        # What jax 0.11.2 refused on an H200: the text tower's 77 tokens, ViT-B/16's 197.
-        (_gpu("9.0", "NVIDIA H200"), "bfloat16", 77, 64, "even sequence length to train, not 77"),
-        (_gpu("9.0", "NVIDIA H200"), "bfloat16", 197, 64, "not 197"),
-        (_gpu("9.0"), "bfloat16", 50, 64, ""),
-        (_gpu("8.6"), jnp.float16, 256, 128, ""),
+        (None, "bfloat16", 64, "needs an NVIDIA GPU, not cpu"),  # this machine's CPU
+        (_gpu("gfx90a", "AMD Instinct MI250X"), "bfloat16", 64, "needs an NVIDIA GPU"),
+        (_gpu("7.0", "Tesla V100"), "bfloat16", 64, "compute capability >= 8.0"),
+        (_gpu("9.0"), "float32", 64, "bfloat16 or float16"),
+        (_gpu("9.0"), "bfloat16", 100, "multiple of 8"),
+        (_gpu("8.0"), "bfloat16", 256, "at most 128"),
+        (_gpu("9.0"), "bfloat16", 64, ""),
+        (_gpu("8.6"), jnp.float16, 128, ""),
     ],
 )
-def test_where_cudnn_attention_applies(device, dtype, seq_len, head_dim, words):
-    problem = cudnn_attention_problem(dtype, seq_len, head_dim, device)
+def test_where_cudnn_attention_applies(device, dtype, head_dim, words):
+    problem = cudnn_attention_problem(dtype, head_dim, device)
     assert (problem == "") == (words == "")
     assert words in problem
 
 
+@pytest.mark.parametrize(
+    "implementation, lengths, want",
+    [
+        # 'auto' keeps to even lengths: the padded kernel has not been run on a GPU yet.
+        # What jax 0.11.2 refused on an H200: the text tower's 77 tokens, ViT-B/16's 197.
+        ("auto", (50, 50), "cudnn"),  # ViT-B/32
+        ("auto", (77, 77), "xla"),
+        ("auto", (197, 197), "xla"),
+        ("auto", (1, 50), "xla"),  # a ResNet's attention pool
+        ("cudnn", (77, 77), "cudnn"),  # padded to 78
+        ("xla", (50, 50), "xla"),
+    ],
+)
+def test_which_attention_each_setting_computes(implementation, lengths, want):
+    h200 = _gpu("9.0", "NVIDIA H200")
+    assert chosen_attention(implementation, "bfloat16", lengths, 64, h200) == want
+
+
 def test_attention_shapes_of_vit_and_resnet_towers():
-    # (sequence length, head dim): ViT (224/14)^2 patches + class token, 1024/16 and 768/12;
-    # RN50's pool over (224/32)^2 + mean token, 32*64/32; text 77 tokens, 512/8.
-    assert attention_shapes(get_config("ViT-L/14")) == ((257, 64), (77, 64))
-    assert attention_shapes(get_config("ViT-B/32")) == ((50, 64), (77, 64))
-    assert attention_shapes(get_config("RN50")) == ((50, 64), (77, 64))
+    # ((query, key) lengths, head dim): ViT (224/14)^2 patches + class token, 1024/16 and
+    # 768/12; RN50's pool: its mean token over (224/32)^2 + itself, 32*64/32; text 77 tokens,
+    # 512/8.
+    text = ((77, 77), 64)
+    assert attention_shapes(get_config("ViT-L/14")) == (((257, 257), 64), text)
+    assert attention_shapes(get_config("ViT-B/32")) == (((50, 50), 64), text)
+    assert attention_shapes(get_config("RN50")) == (((1, 50), 64), text)
 
 
 def test_cudnn_attention_off_an_nvidia_gpu_is_a_config_error():

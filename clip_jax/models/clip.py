@@ -214,16 +214,22 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
-def attention_shapes(config: CLIPConfig) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(sequence length, head dim) of the image tower's attention (a ViT's blocks over the
-    patches and the class token; a ResNet's attention pool over the 32x-reduced grid, 32 x
-    width channels, and its mean token) and of the text tower's (the full context)."""
+# ((query length, key length), head dim) of one attention.
+AttentionShape = tuple[tuple[int, int], int]
+
+
+def attention_shapes(config: CLIPConfig) -> tuple[AttentionShape, AttentionShape]:
+    """((query length, key length), head dim) of the image tower's attention (a ViT's blocks
+    over the patches and the class token; a ResNet's attention pool: its mean token over the
+    32x-reduced grid and itself, 32 x width channels) and of the text tower's (the full
+    context, both ways)."""
     v, t = config.vision, config.text
     if v.kind == "vit":
-        image = ((v.image_size // v.patch_size) ** 2 + 1, v.width // v.heads)
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        image = ((tokens, tokens), v.width // v.heads)
     else:
-        image = ((v.image_size // 32) ** 2 + 1, 32 * v.width // v.heads)
-    return image, (t.context_length, t.width // t.heads)
+        image = ((1, (v.image_size // 32) ** 2 + 1), 32 * v.width // v.heads)
+    return image, ((t.context_length, t.context_length), t.width // t.heads)
 
 
 # ---------------------------------------------------------------- the model

@@ -291,17 +291,17 @@ class Conv(nn.Module):
 
 
 # How the attention core is computed: 'auto' is cuDNN's fused kernel where it applies (see
-# cudnn_attention_problem), XLA elsewhere.
+# cudnn_attention_problem) at an even sequence length, XLA elsewhere.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 _CUDNN_DTYPES = ("bfloat16", "float16")
 _CUDNN_MAX_HEAD_DIM = 128  # 256 from Hopper on; 128 holds on every GPU cuDNN's kernel runs on
 
 
-def cudnn_attention_problem(dtype: Any, seq_len: int, head_dim: int, device: Any = None) -> str:
+def cudnn_attention_problem(dtype: Any, head_dim: int, device: Any = None) -> str:
     """Why ``jax.nn.dot_product_attention(implementation='cudnn')`` cannot train here ('' when
     it can): it needs an NVIDIA GPU of compute capability 8.0 or newer (``device``, default the
-    first device), 16-bit compute, an even sequence length and a head dim that is a multiple
-    of 8, at most 128."""
+    first device), 16-bit compute and a head dim that is a multiple of 8, at most 128. Odd
+    sequence lengths are padded (``even_length_attention``)."""
     device = jax.devices()[0] if device is None else device
     capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
     try:
@@ -320,11 +320,46 @@ def cudnn_attention_problem(dtype: Any, seq_len: int, head_dim: int, device: Any
             f"cuDNN attention needs a head dim that is a multiple of 8 and at most "
             f"{_CUDNN_MAX_HEAD_DIM}, not {head_dim}"
         )
-    if seq_len % 2:
-        # jax 0.11.2 on an H200 stopped every odd length in the backward pass ("Unsupported
-        # sequence length Q 77, KV 77"): CLIP's text (77), ViT-B/16 (197) and L/14 (257).
-        return f"cuDNN attention needs an even sequence length to train, not {seq_len}"
     return ""
+
+
+def chosen_attention(
+    implementation: str, dtype: Any, lengths: tuple[int, int], head_dim: int, device: Any = None
+) -> str:
+    """'xla' or 'cudnn': what ``implementation`` computes for (query, key) ``lengths``. 'auto'
+    takes cuDNN only where no padding is needed: the padded kernel has not yet been run on a
+    GPU here."""
+    if implementation != "auto":
+        return implementation
+    even = all(length % 2 == 0 for length in lengths)
+    usable = even and not cudnn_attention_problem(dtype, head_dim, device)
+    return "cudnn" if usable else "xla"
+
+
+def even_length_attention(q, k, v, causal: bool, implementation: str) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with odd sequence lengths padded by one zero token:
+    jax 0.11.2 refused cuDNN's kernel in training at odd lengths on an H200 ("Unsupported
+    sequence length Q 77, KV 77": CLIP's text, ViT-B/16's 197, L/14's 257). The padded key is
+    masked through ``key_value_seq_lengths``; the padded query's row is dropped. Under the
+    causal mask no real query sees the trailing key anyway."""
+    length_q, length_kv = q.shape[1], k.shape[1]
+    if length_q % 2 == 0 and length_kv % 2 == 0:
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation
+        )
+
+    def pad(x, length):
+        return jnp.pad(x, ((0, 0), (0, length % 2), (0, 0), (0, 0)))
+
+    out = jax.nn.dot_product_attention(
+        pad(q, length_q),
+        pad(k, length_kv),
+        pad(v, length_kv),
+        key_value_seq_lengths=jnp.full((q.shape[0],), length_kv, jnp.int32),
+        is_causal=causal,
+        implementation=implementation,
+    )
+    return out[:, :length_q]
 
 
 @functools.partial(jax.checkpoint, static_argnums=(3,))
@@ -337,16 +372,14 @@ def _xla_attention(q, k, v, causal: bool) -> jax.Array:
 def _cudnn_attention(q, k, v, causal: bool) -> jax.Array:
     # Not checkpointed: the fused kernel never materialises the scores; its backward needs
     # only the output and the per-row log-sum-exp.
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    return even_length_attention(q, k, v, causal, implementation="cudnn")
 
 
 def attention(q, k, v, causal: bool, implementation: str = "auto") -> jax.Array:
     """``softmax(q k^T / sqrt(head_dim)) v`` over ``[B, L, heads, head_dim]``; logits and
     softmax in float32. ``implementation``: one of ``ATTENTION_IMPLS``."""
-    if implementation == "auto":
-        usable = not cudnn_attention_problem(q.dtype, q.shape[1], q.shape[-1])
-        implementation = "cudnn" if usable else "xla"
-    if implementation == "cudnn":
+    lengths = (q.shape[1], k.shape[1])
+    if chosen_attention(implementation, q.dtype, lengths, q.shape[-1]) == "cudnn":
         return _cudnn_attention(q, k, v, causal)
     return _xla_attention(q, k, v, causal)
 
