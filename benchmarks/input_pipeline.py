@@ -15,7 +15,9 @@ source it then measures, in this one process:
     sized for the smallest crop, then PIL's bicubic resize of the crop);
   * the training loader (records, transform, tokenizer, batching) with the old transform
     as it ran before (0 workers: one background thread; 1 and 2 worker processes) and with
-    the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes. Both
+    the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes
+    (these also "copied": each batch built in ordinary memory, then copied by grain into
+    shared memory, as the loader did before it wrote its batches there). All
     walk the shuffled order of a split of a million records folded onto the few hundred
     generated (`FoldedOrder`): grain's index shuffle costs ten times more on so small a
     split than on any real dataset;
@@ -162,6 +164,15 @@ class OldTrainBatch(_TrainBatch):
             caps = record_captions(rec)
             texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
         return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
+
+
+@dataclasses.dataclass
+class CopiedTrainBatch(_TrainBatch):
+    """The new batch maker as it was before it wrote into shared memory in worker processes:
+    grain then copies each batch into fresh shared memory."""
+
+    def __post_init__(self):
+        self.in_worker = False
 
 
 def new_pil_only(data: bytes, size: int, rng, scale) -> np.ndarray:
@@ -393,7 +404,7 @@ class FoldedOrder:
         return self.order[p] % self.n
 
 
-def loader_factory(name, data_dir, tok, args, old: bool, workers: int, threads: int):
+def loader_factory(name, data_dir, tok, args, maker: type, workers: int, threads: int):
     def make() -> TrainLoader:
         loader = train_loader(
             name,
@@ -414,22 +425,25 @@ def loader_factory(name, data_dir, tok, args, old: bool, workers: int, threads: 
         fields = {f.name: getattr(fn, f.name) for f in dataclasses.fields(fn)}
         large = grain.MapDataset.range(LARGE_SPLIT).shuffle(seed=fn.seed).repeat(None)
         fields["order"] = FoldedOrder(len(fn.source), large)
-        loader._fn = (OldTrainBatch if old else type(fn))(**fields)
+        loader._fn = maker(**fields)
         return loader
 
     return make
 
 
-# (label, old transform?, worker processes, threads); the old rows are the loader as it ran.
+# (label, batch maker, worker processes, threads); the old rows are the loader as it ran,
+# the copied ones the new transform with grain copying each batch into shared memory.
 CONFIGS = (
-    ("old", "0 workers (1 thread)", True, 0, 1),
-    ("old", "1 worker process", True, 1, 1),
-    ("old", "2 worker processes", True, 2, 1),
-    ("new", "0 threads (caller)", False, 0, 0),
-    ("new", "1 thread", False, 0, 1),
-    ("new", "2 threads", False, 0, 2),
-    ("new", "1 worker process", False, 1, 1),
-    ("new", "2 worker processes", False, 2, 1),
+    ("old", "0 workers (1 thread)", OldTrainBatch, 0, 1),
+    ("old", "1 worker process", OldTrainBatch, 1, 1),
+    ("old", "2 worker processes", OldTrainBatch, 2, 1),
+    ("new", "0 threads (caller)", _TrainBatch, 0, 0),
+    ("new", "1 thread", _TrainBatch, 0, 1),
+    ("new", "2 threads", _TrainBatch, 0, 2),
+    ("copied", "1 worker process", CopiedTrainBatch, 1, 1),
+    ("new", "1 worker process", _TrainBatch, 1, 1),
+    ("copied", "2 worker processes", CopiedTrainBatch, 2, 1),
+    ("new", "2 worker processes", _TrainBatch, 2, 1),
 )
 # new row -> the old row it is compared with (the same number of decoders)
 BASELINE = {
@@ -522,9 +536,9 @@ def main(argv=None):
             for label, some in datas.items():
                 for kind, fn in bare.items():
                     limits.setdefault((label, kind), []).append(bare_rate(fn, some, size))
-                for path, par, old, workers, threads in CONFIGS:
+                for path, par, maker, workers, threads in CONFIGS:
                     make = loader_factory(
-                        sources[label][0], data_dir, tok, args, old, workers, threads
+                        sources[label][0], data_dir, tok, args, maker, workers, threads
                     )
                     runs.setdefault((label, path, par), []).append(time_loader(make, args.batches))
         limit = {key: float(np.median(v)) for key, v in limits.items()}
@@ -537,9 +551,9 @@ def main(argv=None):
         print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         for (label, path, par), r in rows.items():
             base = rows.get((label, "old", BASELINE.get(par, "")))
-            wall_vs = f"{r.wall_rate / base.wall_rate:.2f}x" if path == "new" else ""
-            core_vs = f"{r.per_core / base.per_core:.2f}x" if path == "new" else ""
-            of_limit = r.per_core / limit[label, "new" if path == "new" else "old"]
+            wall_vs = f"{r.wall_rate / base.wall_rate:.2f}x" if path != "old" else ""
+            core_vs = f"{r.per_core / base.per_core:.2f}x" if path != "old" else ""
+            of_limit = r.per_core / limit[label, "old" if path == "old" else "new"]
             print(
                 f"| {label} | {path} | {par} | {r.wall_rate:.0f} | {wall_vs} | {r.cores:.2f} | "
                 f"{r.per_core:.0f} | {core_vs} | {of_limit:.0%} |"
@@ -565,7 +579,7 @@ def main(argv=None):
             "loader's steps besides the crop, timed alone:"
         )
         for label in datas:
-            make = loader_factory(sources[label][0], data_dir, tok, args, False, 0, 0)
+            make = loader_factory(sources[label][0], data_dir, tok, args, _TrainBatch, 0, 0)
             steps = loader_costs(make, args.batches)
             total = 1e6 / rows[label, "new", "0 threads (caller)"].per_core
             text = ", ".join(f"{k} {v:.1f}" for k, v in steps.items())

@@ -206,8 +206,22 @@ def test_corrupt_images_are_replaced_deterministically(tmp_path, demo):
     ev = eval_loader(
         "corrupt_set", "train", d, batch_size=8, image_size=8, shard_index=0, shard_count=1
     )
-    masks = np.concatenate([x["mask"] for x in ev])
-    assert ev.num_corrupt == 6 and masks.sum() == 18 and "label" not in next(iter(ev))
+    batches = list(ev)
+    masks = np.concatenate([x["mask"] for x in batches])
+    assert ev.num_corrupt == 6 and masks.sum() == 18 and "label" not in batches[0]
+    # Worker processes write their batches into shared memory: the same batches, black
+    # images where corrupt.
+    workers = eval_loader(
+        "corrupt_set",
+        "train",
+        d,
+        batch_size=8,
+        image_size=8,
+        shard_index=0,
+        shard_count=1,
+        num_workers=2,
+    )
+    chex.assert_trees_all_equal(list(workers), batches)
 
 
 def test_to_global_shards_over_batch_axes(demo):

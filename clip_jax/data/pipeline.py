@@ -28,6 +28,7 @@ batches into global jax.Arrays.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,6 +40,7 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 
 from clip_jax.data import images as images_lib
 from clip_jax.data.errors import DataError
@@ -82,6 +84,23 @@ def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _image_batch(rows: int, size: int, in_worker: bool) -> Iterator[np.ndarray]:
+    """The uint8 [rows, size, size, 3] array a batch's images are written into. In a worker
+    process it is shared memory, which grain hands to the trainer as it is; an ordinary array
+    would be copied into fresh shared memory once more (9.6 MB for 64 images at 224 px)."""
+    shape = (rows, size, size, 3)
+    if not in_worker:
+        yield np.empty(shape, np.uint8)
+        return
+    out = SharedMemoryArray(shape, np.uint8)
+    try:
+        yield out
+    except BaseException:
+        out.unlink_on_del()  # never handed over, so nobody else would remove it
+        raise
+
+
 @dataclasses.dataclass
 class _TrainBatch:
     source: Source
@@ -94,6 +113,7 @@ class _TrainBatch:
     crop_scale: tuple[float, float]
     tokenizer: TextEncoder
     slices: int = 1  # each batch k is read as slices k*n .. k*n+n-1
+    in_worker: bool = False  # set by _grain_iter for worker processes
 
     def positions(self, k: int) -> list[int]:
         b, s = self.host_batch, self.shard_count
@@ -101,17 +121,26 @@ class _TrainBatch:
 
     def __call__(self, q: int) -> dict:
         """Slice q: rows [i*b/n, (i+1)*b/n) of this host's batch k, for k, i = divmod(q, n)."""
-        size, (k, i), rows = self.image_size, divmod(q, self.slices), self.host_batch // self.slices
+        (k, i), rows = divmod(q, self.slices), self.host_batch // self.slices
         positions = self.positions(k)[i * rows : (i + 1) * rows]
         records = self.source.get_image_text([self.order[p] for p in positions])
+        with _image_batch(len(positions), self.image_size, self.in_worker) as out:
+            texts, replaced = self._crop_all(out, positions, records)
+            tokens = self.tokenizer.encode(texts)
+        return {"image": out, "text": tokens, "_replaced": np.int64(replaced)}
+
+    def _crop_all(self, out: np.ndarray, positions, records) -> tuple[list[str], int]:
+        """Writes each record's crop into `out`; returns the captions drawn and the number of
+        corrupt images replaced by random records."""
         n = len(self.source)
-        out = np.empty((len(positions), size, size, 3), np.uint8)
         texts, replaced = [], 0
         for j, (p, rec) in enumerate(zip(positions, records)):
             rng = np.random.default_rng([self.seed, p])
             for _ in range(MAX_REPLACEMENTS):
                 try:
-                    out[j] = images_lib.random_square_crop(rec["image"], size, rng, self.crop_scale)
+                    out[j] = images_lib.random_square_crop(
+                        rec["image"], self.image_size, rng, self.crop_scale
+                    )
                     break
                 except images_lib.BadImage:
                     replaced += 1
@@ -123,7 +152,7 @@ class _TrainBatch:
                 )
             caps = record_captions(rec)
             texts.append(caps[int(rng.integers(len(caps)))] if len(caps) > 1 else caps[0])
-        return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
+        return texts, replaced
 
 
 @dataclasses.dataclass
@@ -135,13 +164,21 @@ class _EvalBatch:
     image_size: int
     tokenizer: TextEncoder | None
     has_label: bool
+    in_worker: bool = False  # set by _grain_iter for worker processes
 
     def __call__(self, k: int) -> dict:
-        b, s, size, n = self.host_batch, self.shard_count, self.image_size, len(self.source)
+        b, s, n = self.host_batch, self.shard_count, len(self.source)
         positions = [(k * b + j) * s + self.shard_index for j in range(b)]
         valid = [p for p in positions if p < n]
         records = dict(zip(valid, self.source.get(valid))) if valid else {}
-        out = np.zeros((b, size, size, 3), np.uint8)
+        with _image_batch(b, self.image_size, self.in_worker) as out:
+            return self._batch(out, positions, records)
+
+    def _batch(self, out: np.ndarray, positions: list[int], records: dict) -> dict:
+        """The batch of `positions`, their center crops written into `out`; past the split's
+        end and where an image is corrupt, a black image, mask False (and index -1 past it)."""
+        b, size = len(positions), self.image_size
+        out[...] = 0
         mask = np.zeros((b,), bool)
         index = np.full((b,), -1, np.int32)
         label = np.full((b,), -1, np.int32)
@@ -181,6 +218,7 @@ def _allow_unparsed_grain_flag() -> None:
 def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
     if num_workers > 0:
         _allow_unparsed_grain_flag()
+        batch_fn = dataclasses.replace(batch_fn, in_worker=True)
     ds = grain.MapDataset.range(start, stop).map(batch_fn)
     threads = max(0, int(num_threads)) if prefetch > 0 or num_workers > 0 else 0
     ds = ds.to_iter_dataset(
