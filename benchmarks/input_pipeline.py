@@ -56,6 +56,7 @@ import grain
 import numpy as np
 import simplejpeg
 import tensorflow_datasets as tfds
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image, ImageDraw, ImageFilter
 
 from clip_jax.data import images
@@ -358,6 +359,16 @@ def loader_costs(make, batches: int) -> dict[str, float]:
                 kept[-1][j] = crop
 
     _, costs["fresh batch array, filled"] = second_run(fresh_batches)
+
+    def fresh_shared_batches():  # what a worker process writes: a new shared-memory segment
+        kept = []
+        for _ in range(0, n, b):
+            kept.append(SharedMemoryArray((b, size, size, 3), np.uint8))
+            kept[-1].unlink_on_del()  # as the trainer's copy does when the batch is dropped
+            for j in range(b):
+                kept[-1][j] = crop
+
+    _, costs["fresh shared-memory batch, filled"] = second_run(fresh_shared_batches)
     loader.close()
     return {k: 1e6 * v / n for k, v in costs.items()}
 
