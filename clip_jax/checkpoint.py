@@ -78,8 +78,9 @@ def _drop_abandoned_restore_errors() -> None:
     """After a failed restore, the reads still in flight finish in tensorstore and hand their
     results (often errors too) to Orbax's coroutines and event loop, closed by then. Each prints
     a traceback: as an unraisable exception, or through asyncio's logger when the garbage
-    collector finds a task whose error nobody retrieved; hundreds in all. Those are dropped from
-    now on; the restore's own error has been reported in one line."""
+    collector finds a task whose error nobody retrieved, which may happen before the restore's
+    own error reaches us; hundreds in all. Installed before every restore, these drop only
+    such leftovers of Orbax's; the restore's own error is reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_restores", False):
         return
@@ -134,6 +135,7 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self._manager.directory}; "
                 f"available steps: {self.all_steps() or 'none'}"
             )
+        _drop_abandoned_restore_errors()
         try:
             restored = self._manager.restore(
                 step,
@@ -143,7 +145,6 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # Orbax, tensorstore and json each raise their own types
-            _drop_abandoned_restore_errors()
             raise CheckpointError(f"checkpoint step {step} does not restore ({_reason(e)})") from e
         return restored.state, _decode_loader_state(restored.loader)
 
