@@ -13,6 +13,7 @@ from test_cli_errors import assert_one_line_error, train_cli
 from clip_jax import config as config_lib
 from clip_jax.models.clip import attention_shapes
 from clip_jax.models.layers import (
+    AttentionError,
     attention,
     chosen_attention,
     cudnn_attention_problem,
@@ -121,6 +122,29 @@ def test_where_cudnn_attention_applies(device, dtype, head_dim, words):
 def test_which_attention_each_setting_computes(implementation, lengths, want):
     h200 = _gpu("9.0", "NVIDIA H200")
     assert chosen_attention(implementation, "bfloat16", lengths, 64, h200) == want
+
+
+def test_a_shape_jax_refuses_for_cudnn_is_one_line_naming_the_fix(monkeypatch):
+    """jax checks cuDNN's shapes while tracing the train step; its refusal (here, the message
+    jax 0.11.2 gave on an H200, raised by a stand-in for jax's function) becomes one line."""
+    real = jax.nn.dot_product_attention
+
+    def refusing(q, k, v, *args, implementation=None, **kw):
+        if implementation == "cudnn":
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV 78.")
+        return real(q, k, v, *args, implementation=implementation, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    q = jnp.zeros((2, 77, 4, 16), jnp.bfloat16)
+
+    def loss(q):
+        return attention(q, q, q, causal=True, implementation="cudnn").astype(float).sum()
+
+    with pytest.raises(AttentionError) as e:
+        jax.jit(jax.grad(loss))(q)
+    message = str(e.value)
+    assert "\n" not in message and "Unsupported sequence length Q 78" in message
+    assert "2x77x4x16" in message and "model.attention='auto'" in message
 
 
 def test_attention_shapes_of_vit_and_resnet_towers():

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.errors import UserError
+
 Dtype = Any
 
 # The only logical axis names a parameter may carry (see docs/architecture.md).
@@ -369,10 +371,22 @@ def _xla_attention(q, k, v, causal: bool) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
 
+class AttentionError(UserError):
+    """jax refused cuDNN's kernel for these shapes (it checks them while tracing the step)."""
+
+
 def _cudnn_attention(q, k, v, causal: bool) -> jax.Array:
     # Not checkpointed: the fused kernel never materialises the scores; its backward needs
     # only the output and the per-row log-sum-exp.
-    return even_length_attention(q, k, v, causal, implementation="cudnn")
+    try:
+        return even_length_attention(q, k, v, causal, implementation="cudnn")
+    except NotImplementedError as e:  # jax's own shape checks, e.g. a length it refuses
+        shape, reason = "x".join(map(str, q.shape)), str(e).strip().splitlines()[0]
+        raise AttentionError(
+            f"model.attention='cudnn': jax refused cuDNN's fused attention for queries "
+            f"{shape} ({reason}); use model.attention='auto' (cuDNN where it applies, else "
+            "XLA) or 'xla'"
+        ) from e
 
 
 def attention(q, k, v, causal: bool, implementation: str = "auto") -> jax.Array:
