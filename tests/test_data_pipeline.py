@@ -5,6 +5,7 @@ jax.Arrays (`sharding.to_global`). Real tfds datasets written to a temporary dat
 import io
 import json
 import math
+import shutil
 
 import chex
 import cv2
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps
 
 from clip_jax.data import images
 from clip_jax.data.builders import common
+from clip_jax.data.errors import DataError
 from clip_jax.data.info import dataset_info, read_captions
 from clip_jax.data.pipeline import eval_loader, train_loader
 from clip_jax.data.prepare import prepare_demo
@@ -414,6 +416,21 @@ def test_jpeg_batches_equal_over_threads_processes_and_resume(photos):
     resumed = _photo_loader(photos, num_threads=3)
     resumed.set_state(state)
     chex.assert_trees_all_equal(_take(resumed, 2), ref[2:])
+
+
+def test_a_batch_larger_than_the_free_shared_memory_is_one_data_error(demo):
+    """A worker process writes its batches into /dev/shm. A batch that cannot fit there is a
+    DataError with the sizes and the fixes, not a worker killed by SIGBUS on a full tmpfs."""
+    free = shutil.disk_usage("/dev/shm").free
+    size = math.isqrt(free // (16 * 3)) + 1  # 16 images of size x size x 3 bytes: over it
+    loader = _loader(demo, image_size=size, num_workers=1)
+    with pytest.raises(DataError, match="shared memory is full") as e:
+        next(loader)
+    loader.close()
+    message = str(e.value)
+    assert "\n" not in message and "/dev/shm has" in message
+    for fix in ("--shm-size", "data.num_workers", "data.num_threads"):
+        assert fix in message
 
 
 def test_random_square_crop_of_other_formats_and_bad_bytes():

@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
+import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -93,12 +96,53 @@ def _image_batch(rows: int, size: int, in_worker: bool) -> Iterator[np.ndarray]:
     if not in_worker:
         yield np.empty(shape, np.uint8)
         return
+    _check_shared_memory(math.prod(shape))
     out = SharedMemoryArray(shape, np.uint8)
     try:
+        _reserve(out)
         yield out
     except BaseException:
         out.unlink_on_del()  # never handed over, so nobody else would remove it
         raise
+
+
+SHARED_MEMORY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (a tmpfs)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
+
+
+def _shared_memory_error(nbytes: int, free: int) -> DataError:
+    return DataError(
+        f"shared memory is full: a data worker process needs {_mib(nbytes)} for a batch's "
+        f"images and {SHARED_MEMORY_DIR} has {_mib(free)} free; give it "
+        "more (a container: docker run --shm-size=16g), lower data.num_workers or "
+        "data.prefetch, or decode in threads (data.num_workers=0, data.num_threads=N)"
+    )
+
+
+def _check_shared_memory(nbytes: int) -> None:
+    """Fails with one line, rather than a worker killed by SIGBUS when it first writes to a
+    page that a full tmpfs cannot back (Docker's default /dev/shm is 64 MiB)."""
+    if os.path.isdir(SHARED_MEMORY_DIR):
+        free = shutil.disk_usage(SHARED_MEMORY_DIR).free
+        if nbytes > free:
+            raise _shared_memory_error(nbytes, free)
+
+
+def _reserve(out: SharedMemoryArray) -> None:
+    """Allocates the segment's pages now (ENOSPC as an error, not a SIGBUS later); it costs
+    no more than the page faults of writing into it."""
+    fd = getattr(out.shm, "_fd", -1)  # multiprocessing's SharedMemory keeps its descriptor
+    if fd < 0 or not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, out.nbytes)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise _shared_memory_error(out.nbytes, shutil.disk_usage(SHARED_MEMORY_DIR).free) from e
 
 
 @dataclasses.dataclass
