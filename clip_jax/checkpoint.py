@@ -55,23 +55,29 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:200]}"
 
 
+_ORBAX_FILES = f"{os.sep}orbax{os.sep}"
+
+
+def _raised_in_orbax(trace) -> bool:
+    return trace is not None and any(
+        _ORBAX_FILES in frame.filename for frame in traceback.extract_tb(trace)
+    )
+
+
 def _from_abandoned_restore(unraisable) -> bool:
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         return True
-    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-    return any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames)
+    return _raised_in_orbax(unraisable.exc_traceback)
 
 
 class _AbandonedRestoreTasks(logging.Filter):
     """asyncio's 'Task exception was never retrieved' for Orbax's own read tasks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[2] is not None:
-            frames = traceback.extract_tb(record.exc_info[2])
-            if any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in frames):
-                return False
-        return f"{os.sep}orbax{os.sep}" not in record.getMessage()
+        if record.exc_info and _raised_in_orbax(record.exc_info[2]):
+            return False
+        return _ORBAX_FILES not in record.getMessage()
 
 
 def _drop_abandoned_restore_errors() -> None:
@@ -79,7 +85,7 @@ def _drop_abandoned_restore_errors() -> None:
     results (often errors too) to Orbax's coroutines and event loop, closed by then. Each prints
     a traceback: as an unraisable exception, or through asyncio's logger when the garbage
     collector finds a task whose error nobody retrieved, which may happen before the restore's
-    own error reaches us; hundreds in all. Installed before every restore, these drop only
+    own error reaches us; hundreds in all. Installed with every Checkpointer, these drop only
     such leftovers of Orbax's; the restore's own error is reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_restores", False):
@@ -110,6 +116,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             storage.path(directory), options=options, item_names=("state", "loader")
         )
+        _drop_abandoned_restore_errors()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -135,7 +142,6 @@ class Checkpointer:
                 f"no checkpoint for step {step} in {self._manager.directory}; "
                 f"available steps: {self.all_steps() or 'none'}"
             )
-        _drop_abandoned_restore_errors()
         try:
             restored = self._manager.restore(
                 step,

@@ -144,7 +144,7 @@ def test_a_shape_jax_refuses_for_cudnn_is_one_line_naming_the_fix(monkeypatch):
         jax.jit(jax.grad(loss))(q)
     message = str(e.value)
     assert "\n" not in message and "Unsupported sequence length Q 78" in message
-    assert "2x77x4x16" in message and "model.attention='auto'" in message
+    assert "2x77x4x16" in message and "model.attention='xla'" in message
 
 
 def test_attention_shapes_of_vit_and_resnet_towers():

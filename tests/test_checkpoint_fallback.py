@@ -6,7 +6,10 @@ truncated loader JSON); the restart must say so in one line, move the step to
 losses and final parameters bit for bit. When no step restores, it stops with one line.
 """
 
+import asyncio
+import gc
 import glob
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +20,7 @@ from one_process import final_params, losses_by_step, train_command
 from test_train import DEMO, smoke
 
 from clip_jax import train as train_lib
+from clip_jax.checkpoint import Checkpointer
 
 TOTAL_STEPS = 6
 EVERY = 2  # checkpoints at steps 2, 4 and 6
@@ -115,3 +119,31 @@ def test_no_restorable_checkpoint_is_one_line_and_exit_2(trained, demo_data_dir,
     assert len(errors) == 1 and "no checkpoint" in errors[0] and "restores" in errors[0], errors
     moved = sorted(name.split("-")[0] for name in os.listdir(os.path.join(ckpt_dir, "corrupt")))
     assert moved == steps and not any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
+def _abandoned_task_log(filename: str, caplog) -> str:
+    """What asyncio logs for a task that raised in code from `filename` and was then
+    collected with its error never retrieved (what a failed restore leaves behind)."""
+    namespace = {}
+    code = "async def read():\n    raise ValueError('Truncated Zstd-compressed stream')\n"
+    exec(compile(code, filename, "exec"), namespace)
+
+    async def abandon():
+        asyncio.get_running_loop().create_task(namespace["read"]())
+        await asyncio.sleep(0)
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(abandon())
+        gc.collect()
+    return caplog.text
+
+
+def test_orbax_read_errors_nobody_retrieved_are_dropped_and_others_are_not(tmp_path, caplog):
+    # Installed with every Checkpointer: the garbage collector may log them before or after
+    # the failed restore's own error reaches us.
+    Checkpointer(str(tmp_path / "checkpoints"))
+    orbax = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "serialization.py")
+    assert "never retrieved" not in _abandoned_task_log(orbax, caplog)
+    ours = os.path.join(os.sep, "site-packages", "somewhere", "else.py")
+    assert "Task exception was never retrieved" in _abandoned_task_log(ours, caplog)

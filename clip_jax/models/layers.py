@@ -383,9 +383,8 @@ def _cudnn_attention(q, k, v, causal: bool) -> jax.Array:
     except NotImplementedError as e:  # jax's own shape checks, e.g. a length it refuses
         shape, reason = "x".join(map(str, q.shape)), str(e).strip().splitlines()[0]
         raise AttentionError(
-            f"model.attention='cudnn': jax refused cuDNN's fused attention for queries "
-            f"{shape} ({reason}); use model.attention='auto' (cuDNN where it applies, else "
-            "XLA) or 'xla'"
+            f"jax refused cuDNN's fused attention for queries {shape} ({reason}); set "
+            "model.attention='xla' (or 'auto', which keeps cuDNN to even lengths)"
         ) from e
 
 
