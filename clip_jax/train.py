@@ -522,6 +522,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             last.update(evaluated)
     finally:
         profiler.stop()
+        loader.close()  # worker processes stop, and the shared memory in flight is freed
         ckpt.wait()
         ckpt.close()
         writer.close()
