@@ -28,13 +28,9 @@ batches into global jax.Arrays.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
 import math
-import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -43,9 +39,9 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from grain.multiprocessing import SharedMemoryArray
 
 from clip_jax.data import images as images_lib
+from clip_jax.data import shared_memory
 from clip_jax.data.errors import DataError
 from clip_jax.data.info import dataset_info
 from clip_jax.data.source import Source, record_captions
@@ -87,64 +83,6 @@ def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _image_batch(rows: int, size: int, in_worker: bool) -> Iterator[np.ndarray]:
-    """The uint8 [rows, size, size, 3] array a batch's images are written into. In a worker
-    process it is shared memory, which grain hands to the trainer as it is; an ordinary array
-    would be copied into fresh shared memory once more (9.6 MB for 64 images at 224 px)."""
-    shape = (rows, size, size, 3)
-    if not in_worker:
-        yield np.empty(shape, np.uint8)
-        return
-    _check_shared_memory(math.prod(shape))
-    out = SharedMemoryArray(shape, np.uint8)
-    try:
-        _reserve(out)
-        yield out
-    except BaseException:
-        out.unlink_on_del()  # never handed over, so nobody else would remove it
-        raise
-
-
-SHARED_MEMORY_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (a tmpfs)
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
-
-
-def _shared_memory_error(nbytes: int, free: int) -> DataError:
-    return DataError(
-        f"shared memory is full: a data worker process needs {_mib(nbytes)} for a batch's "
-        f"images and {SHARED_MEMORY_DIR} has {_mib(free)} free; give it "
-        "more (a container: docker run --shm-size=16g), lower data.num_workers or "
-        "data.prefetch, or decode in threads (data.num_workers=0, data.num_threads=N)"
-    )
-
-
-def _check_shared_memory(nbytes: int) -> None:
-    """Fails with one line, rather than a worker killed by SIGBUS when it first writes to a
-    page that a full tmpfs cannot back (Docker's default /dev/shm is 64 MiB)."""
-    if os.path.isdir(SHARED_MEMORY_DIR):
-        free = shutil.disk_usage(SHARED_MEMORY_DIR).free
-        if nbytes > free:
-            raise _shared_memory_error(nbytes, free)
-
-
-def _reserve(out: SharedMemoryArray) -> None:
-    """Allocates the segment's pages now (ENOSPC as an error, not a SIGBUS later); it costs
-    no more than the page faults of writing into it."""
-    fd = getattr(out.shm, "_fd", -1)  # multiprocessing's SharedMemory keeps its descriptor
-    if fd < 0 or not hasattr(os, "posix_fallocate"):
-        return
-    try:
-        os.posix_fallocate(fd, 0, out.nbytes)
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        raise _shared_memory_error(out.nbytes, shutil.disk_usage(SHARED_MEMORY_DIR).free) from e
-
-
 @dataclasses.dataclass
 class _TrainBatch:
     source: Source
@@ -168,7 +106,7 @@ class _TrainBatch:
         (k, i), rows = divmod(q, self.slices), self.host_batch // self.slices
         positions = self.positions(k)[i * rows : (i + 1) * rows]
         records = self.source.get_image_text([self.order[p] for p in positions])
-        with _image_batch(len(positions), self.image_size, self.in_worker) as out:
+        with shared_memory.image_batch(len(positions), self.image_size, self.in_worker) as out:
             texts, replaced = self._crop_all(out, positions, records)
             tokens = self.tokenizer.encode(texts)
         return {"image": out, "text": tokens, "_replaced": np.int64(replaced)}
@@ -215,7 +153,7 @@ class _EvalBatch:
         positions = [(k * b + j) * s + self.shard_index for j in range(b)]
         valid = [p for p in positions if p < n]
         records = dict(zip(valid, self.source.get(valid))) if valid else {}
-        with _image_batch(b, self.image_size, self.in_worker) as out:
+        with shared_memory.image_batch(b, self.image_size, self.in_worker) as out:
             return self._batch(out, positions, records)
 
     def _batch(self, out: np.ndarray, positions: list[int], records: dict) -> dict:
