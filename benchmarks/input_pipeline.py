@@ -56,10 +56,9 @@ import grain
 import numpy as np
 import simplejpeg
 import tensorflow_datasets as tfds
-from grain.multiprocessing import SharedMemoryArray
 from PIL import Image, ImageDraw, ImageFilter
 
-from clip_jax.data import images
+from clip_jax.data import images, shared_memory
 from clip_jax.data import tokenizer as tok_lib
 from clip_jax.data.errors import DataError
 from clip_jax.data.pipeline import MAX_REPLACEMENTS, TrainLoader, _TrainBatch, train_loader
@@ -363,10 +362,11 @@ def loader_costs(make, batches: int) -> dict[str, float]:
     def fresh_shared_batches():  # what a worker process writes: a new shared-memory segment
         kept = []
         for _ in range(0, n, b):
-            kept.append(SharedMemoryArray((b, size, size, 3), np.uint8))
-            kept[-1].unlink_on_del()  # as the trainer's copy does when the batch is dropped
-            for j in range(b):
-                kept[-1][j] = crop
+            with shared_memory.image_batch(b, size, in_worker=True) as out:
+                out.unlink_on_del()  # as the trainer's copy does when the batch is dropped
+                for j in range(b):
+                    out[j] = crop
+            kept.append(out)
 
     _, costs["fresh shared-memory batch, filled"] = second_run(fresh_shared_batches)
     loader.close()
