@@ -28,10 +28,12 @@ batches into global jax.Arrays.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -58,6 +60,7 @@ __all__ = [
 STATE_VERSION = 1
 MAX_REPLACEMENTS = 32  # consecutive corrupt draws for one position before giving up
 _STATE_KEYS = ("seed", "num_records", "global_batch_size", "num_epochs")
+_PICKLED_BELOW = 2**40  # bytes: worker processes send every array but the images pickled
 
 
 class TextEncoder(Protocol):
@@ -95,7 +98,7 @@ class _TrainBatch:
     crop_scale: tuple[float, float]
     tokenizer: TextEncoder
     slices: int = 1  # each batch k is read as slices k*n .. k*n+n-1
-    in_worker: bool = False  # set by _grain_iter for worker processes
+    worker_ring: str = ""  # set by _grain_iter for worker processes (shared_memory)
 
     def positions(self, k: int) -> list[int]:
         b, s = self.host_batch, self.shard_count
@@ -106,10 +109,14 @@ class _TrainBatch:
         (k, i), rows = divmod(q, self.slices), self.host_batch // self.slices
         positions = self.positions(k)[i * rows : (i + 1) * rows]
         records = self.source.get_image_text([self.order[p] for p in positions])
-        with shared_memory.image_batch(len(positions), self.image_size, self.in_worker) as out:
+        with shared_memory.image_batch(len(positions), self.image_size, self.worker_ring) as out:
             texts, replaced = self._crop_all(out, positions, records)
             tokens = self.tokenizer.encode(texts)
-        return {"image": out, "text": tokens, "_replaced": np.int64(replaced)}
+        return {
+            "image": shared_memory.sendable(out),
+            "text": tokens,
+            "_replaced": np.int64(replaced),
+        }
 
     def _crop_all(self, out: np.ndarray, positions, records) -> tuple[list[str], int]:
         """Writes each record's crop into `out`; returns the captions drawn and the number of
@@ -146,15 +153,17 @@ class _EvalBatch:
     image_size: int
     tokenizer: TextEncoder | None
     has_label: bool
-    in_worker: bool = False  # set by _grain_iter for worker processes
+    worker_ring: str = ""  # set by _grain_iter for worker processes (shared_memory)
 
     def __call__(self, k: int) -> dict:
         b, s, n = self.host_batch, self.shard_count, len(self.source)
         positions = [(k * b + j) * s + self.shard_index for j in range(b)]
         valid = [p for p in positions if p < n]
         records = dict(zip(valid, self.source.get(valid))) if valid else {}
-        with shared_memory.image_batch(b, self.image_size, self.in_worker) as out:
-            return self._batch(out, positions, records)
+        with shared_memory.image_batch(b, self.image_size, self.worker_ring) as out:
+            batch = self._batch(out, positions, records)
+        batch["image"] = shared_memory.sendable(out)
+        return batch
 
     def _batch(self, out: np.ndarray, positions: list[int], records: dict) -> dict:
         """The batch of `positions`, their center crops written into `out`; past the split's
@@ -197,22 +206,64 @@ def _allow_unparsed_grain_flag() -> None:
         flags.FLAGS[name].present = True
 
 
+class _WorkerBatches:
+    """grain's iterator over worker processes' batches, with their images received from the
+    workers' shared-memory rings. Closed at the latest when the interpreter exits: grain's
+    own clean-up fails once the interpreter has begun to tear its modules down."""
+
+    def __init__(self, it, reader: shared_memory.RingReader):
+        self._it, self._reader = it, reader
+        _OPEN_WORKER_BATCHES.add(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self._reader.receive(next(self._it))
+
+    def close(self) -> None:
+        _OPEN_WORKER_BATCHES.discard(self)
+        it, self._it = self._it, iter(())  # grain's iterators are freed now, not at teardown
+        try:
+            it.close()  # stops the workers first: none makes a slot after the sweep
+        finally:
+            self._reader.close()
+
+
+_OPEN_WORKER_BATCHES: weakref.WeakSet[_WorkerBatches] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_worker_batches() -> None:
+    for batches in list(_OPEN_WORKER_BATCHES):
+        batches.close()
+
+
 def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
+    reader = None
     if num_workers > 0:
         _allow_unparsed_grain_flag()
-        batch_fn = dataclasses.replace(batch_fn, in_worker=True)
+        if shared_memory.ring_available():
+            reader = shared_memory.RingReader(shared_memory.ring_prefix())
+            batch_fn = dataclasses.replace(batch_fn, worker_ring=reader.prefix)
     ds = grain.MapDataset.range(start, stop).map(batch_fn)
     threads = max(0, int(num_threads)) if prefetch > 0 or num_workers > 0 else 0
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     )
+    if reader is not None:
+        # The images come through the ring; the rest (tokens, masks) is small, and grain's
+        # pipe costs it less than a fresh shared-memory segment per array would.
+        ds = grain.experimental.WithOptionsIterDataset(
+            ds, grain.experimental.DatasetOptions(min_shm_size=_PICKLED_BELOW)
+        )
     if num_workers > 0:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
             )
         )
-    return iter(ds)
+    return iter(ds) if reader is None else _WorkerBatches(iter(ds), reader)
 
 
 # ---------------------------------------------------------------------------------------
