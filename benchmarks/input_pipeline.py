@@ -16,8 +16,8 @@ source it then measures, in this one process:
   * the training loader (records, transform, tokenizer, batching) with the old transform
     as it ran before (0 workers: one background thread; 1 and 2 worker processes) and with
     the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes
-    (these also "copied": each batch built in ordinary memory, then copied by grain into
-    shared memory, as the loader did before it wrote its batches there). All
+    (these also "fresh": each batch's images in fresh shared memory, as worker processes
+    wrote them before they reused a ring of shared buffers). All
     walk the shuffled order of a split of a million records folded onto the few hundred
     generated (`FoldedOrder`): grain's index shuffle costs ten times more on so small a
     split than on any real dataset;
@@ -56,6 +56,7 @@ import grain
 import numpy as np
 import simplejpeg
 import tensorflow_datasets as tfds
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image, ImageDraw, ImageFilter
 
 from clip_jax.data import images, shared_memory
@@ -166,13 +167,28 @@ class OldTrainBatch(_TrainBatch):
         return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
 
 
-@dataclasses.dataclass
-class CopiedTrainBatch(_TrainBatch):
-    """The new batch maker as it was before it wrote into shared memory in worker processes:
-    grain then copies each batch into fresh shared memory."""
+def fresh_shared_batch(rows: int, size: int) -> SharedMemoryArray:
+    """A batch array as worker processes had them before the ring: fresh shared memory, its
+    pages reserved; the trainer unmaps and unlinks it when done with it."""
+    out = SharedMemoryArray((rows, size, size, 3), np.uint8)
+    os.posix_fallocate(out.shm._fd, 0, out.nbytes)
+    return out
 
-    def __post_init__(self):
-        self.in_worker = False
+
+@dataclasses.dataclass
+class FreshTrainBatch(_TrainBatch):
+    """The new batch maker as it was before the ring: a worker process wrote each batch into
+    fresh shared memory, which grain handed to the trainer."""
+
+    def __call__(self, q: int) -> dict:
+        if not self.worker_ring:
+            return super().__call__(q)
+        (k, i), rows = divmod(q, self.slices), self.host_batch // self.slices
+        positions = self.positions(k)[i * rows : (i + 1) * rows]
+        records = self.source.get_image_text([self.order[p] for p in positions])
+        out = fresh_shared_batch(len(positions), self.image_size)
+        texts, replaced = self._crop_all(out, positions, records)
+        return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
 
 
 def new_pil_only(data: bytes, size: int, rng, scale) -> np.ndarray:
@@ -359,16 +375,27 @@ def loader_costs(make, batches: int) -> dict[str, float]:
 
     _, costs["fresh batch array, filled"] = second_run(fresh_batches)
 
-    def fresh_shared_batches():  # what a worker process writes: a new shared-memory segment
+    def fresh_shared_batches():  # what a worker process wrote before the ring
         kept = []
         for _ in range(0, n, b):
-            with shared_memory.image_batch(b, size, in_worker=True) as out:
-                out.unlink_on_del()  # as the trainer's copy does when the batch is dropped
-                for j in range(b):
-                    out[j] = crop
+            out = fresh_shared_batch(b, size)
+            out.unlink_on_del()  # as the trainer's copy does when the batch is dropped
+            for j in range(b):
+                out[j] = crop
             kept.append(out)
 
     _, costs["fresh shared-memory batch, filled"] = second_run(fresh_shared_batches)
+    reader = shared_memory.RingReader(shared_memory.ring_prefix())
+
+    def ring_batches():  # a worker's slot filled, the trainer's view of it, then dropped
+        for _ in range(0, n, b):
+            with shared_memory.image_batch(b, size, reader.prefix) as out:
+                for j in range(b):
+                    out[j] = crop
+            reader.receive({"image": shared_memory.sendable(out)})
+
+    _, costs["ring slot: filled, received, given back"] = second_run(ring_batches)
+    reader.close()
     loader.close()
     return {k: 1e6 * v / n for k, v in costs.items()}
 
@@ -443,7 +470,7 @@ def loader_factory(name, data_dir, tok, args, maker: type, workers: int, threads
 
 
 # (label, batch maker, worker processes, threads); the old rows are the loader as it ran,
-# the copied ones the new transform with grain copying each batch into shared memory.
+# the fresh ones the new transform with fresh shared memory for each batch (before the ring).
 CONFIGS = (
     ("old", "0 workers (1 thread)", OldTrainBatch, 0, 1),
     ("old", "1 worker process", OldTrainBatch, 1, 1),
@@ -451,9 +478,9 @@ CONFIGS = (
     ("new", "0 threads (caller)", _TrainBatch, 0, 0),
     ("new", "1 thread", _TrainBatch, 0, 1),
     ("new", "2 threads", _TrainBatch, 0, 2),
-    ("copied", "1 worker process", CopiedTrainBatch, 1, 1),
+    ("fresh", "1 worker process", FreshTrainBatch, 1, 1),
     ("new", "1 worker process", _TrainBatch, 1, 1),
-    ("copied", "2 worker processes", CopiedTrainBatch, 2, 1),
+    ("fresh", "2 worker processes", FreshTrainBatch, 2, 1),
     ("new", "2 worker processes", _TrainBatch, 2, 1),
 )
 # new row -> the old row it is compared with (the same number of decoders)
