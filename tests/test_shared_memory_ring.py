@@ -115,11 +115,15 @@ def test_a_killed_run_leaves_nothing_in_shared_memory(demo, tmp_path):
     )
     try:
         assert proc.stdout.readline().startswith("got")
-        assert _leftovers(proc.pid), "the workers' slots should exist while the run is alive"
+        assert _wait_for(lambda: _leftovers(proc.pid)), "no slot in flight to be left behind"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while _leftovers(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _leftovers(proc.pid) == []
+    assert _wait_for(lambda: not _leftovers(proc.pid)), _leftovers(proc.pid)
+
+
+def _wait_for(condition, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return bool(condition())
