@@ -9,10 +9,10 @@ write the slot again. A worker with no free slot makes a new one, so it never wa
 trainer, and a consumer that keeps its batches only keeps more slots.
 
 Fresh shared memory for every batch, the alternative, costs tmpfs page faults in the worker
-and unmapping and freeing in the trainer, about 80 us per 224-px image, as much as a sixth
-of decoding it (`benchmarks/input_pipeline.py`). A slot's pages are reserved when it is
-made, so a full /dev/shm is one DataError line with the sizes and the fixes, not a worker
-killed by SIGBUS on its first write.
+and unmapping and freeing in the trainer: 120-170 us per 224-px image against 10-15 for a
+slot, up to a quarter of decoding one from a 256-px JPEG (`benchmarks/input_pipeline.py`).
+A slot's pages are reserved when it is made, so a full /dev/shm is one DataError line with
+the sizes and the fixes, not a worker killed by SIGBUS on its first write.
 
 Clean-up: the trainer unlinks a slot's name as soon as it has mapped it; `RingReader.close`
 unlinks the slots it never saw (made while the loader was being closed). Every slot is
@@ -28,6 +28,7 @@ import dataclasses
 import errno
 import math
 import mmap
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -116,7 +117,7 @@ _RINGS_LOCK = threading.Lock()
 
 def _worker_ring(prefix: str) -> _WorkerRing:
     with _RINGS_LOCK:
-        if not _RINGS:
+        if not _RINGS and multiprocessing.parent_process() is not None:
             _watch_trainer()
         return _RINGS.setdefault(prefix, _WorkerRing(prefix))
 
