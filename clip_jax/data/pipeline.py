@@ -219,11 +219,15 @@ class _WorkerBatches:
         return self
 
     def __next__(self) -> dict:
+        if self._it is None:
+            raise StopIteration
         return self._reader.receive(next(self._it))
 
     def close(self) -> None:
         _OPEN_WORKER_BATCHES.discard(self)
-        it, self._it = self._it, iter(())  # grain's iterators are freed now, not at teardown
+        it, self._it = self._it, None  # grain's iterators are freed now, not at teardown
+        if it is None:
+            return
         try:
             it.close()  # stops the workers first: none makes a slot after the sweep
         finally:
