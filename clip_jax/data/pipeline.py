@@ -255,13 +255,13 @@ def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: 
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     )
-    if reader is not None:
-        # The images come through the ring; the rest (tokens, masks) is small, and grain's
-        # pipe costs it less than a fresh shared-memory segment per array would.
-        ds = grain.experimental.WithOptionsIterDataset(
-            ds, grain.experimental.DatasetOptions(min_shm_size=_PICKLED_BELOW)
-        )
     if num_workers > 0:
+        if reader is not None:
+            # The images come through the ring; the rest (tokens, masks) is small, and
+            # grain's pipe costs it less than a fresh shared-memory segment per array would.
+            ds = grain.experimental.WithOptionsIterDataset(
+                ds, grain.experimental.DatasetOptions(min_shm_size=_PICKLED_BELOW)
+            )
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)
