@@ -17,22 +17,25 @@ source it then measures, in this one process:
     as it ran before (0 workers: one background thread; 1 and 2 worker processes) and with
     the new one in 0 (in the calling thread), 1 and 2 threads, and 1 and 2 processes
     (these also "fresh": each batch's images in fresh shared memory, as worker processes
-    wrote them before they reused a ring of shared buffers). All
+    wrote them before they reused a ring of shared buffers; and "pool": a pool thread
+    decoding beside each worker process's loop, as before the loop decoded itself). All
     walk the shuffled order of a split of a million records folded onto the few hundred
     generated (`FoldedOrder`): grain's index shuffle costs ten times more on so small a
     split than on any real dataset;
   * the new decode and a window cut out without the resize: the host's share were the
-    resize done on the devices;
+    resize done on the devices; and two bare loops at once in two threads: what the GIL
+    leaves of the single-core limit;
   * where the loader's CPU goes per image: its steps besides the crop, each timed alone.
 
-"per core" divides by the CPU time this process and its worker processes used, which the
+"per core" divides by the CPU time this process and its worker processes used (their CPU
+clocks, in nanoseconds), which the
 other programs on a busy machine change less than the wall time; images/s of wall time and
 the cores kept busy are printed beside it. Every figure is the median of --repeats rounds,
 each round measuring every configuration once. "vs old" compares with the old loader with
 as many decoders (2 threads against 2 worker processes; 0 and 1 thread against 0 workers).
 
     python benchmarks/input_pipeline.py [--num_images=512] [--batch_size=64] \\
-        [--batches=12] [--repeats=3] [--image_size=224] [--sweep_max_sizes=256,320,448]
+        [--batches=24] [--repeats=3] [--image_size=224] [--sweep_max_sizes=256,320,448]
 
 --sweep_max_sizes adds a table of the new transform's bare-loop rate and the bytes per
 image for sources stored at each shorter side, to choose `prepare --max_size`.
@@ -41,6 +44,7 @@ image for sources stored at each shorter side, to choose `prepare --max_size`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import math
@@ -49,6 +53,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 
 import cv2
@@ -59,7 +64,7 @@ import tensorflow_datasets as tfds
 from grain.multiprocessing import SharedMemoryArray
 from PIL import Image, ImageDraw, ImageFilter
 
-from clip_jax.data import images, shared_memory
+from clip_jax.data import images, pipeline, shared_memory
 from clip_jax.data import tokenizer as tok_lib
 from clip_jax.data.errors import DataError
 from clip_jax.data.pipeline import MAX_REPLACEMENTS, TrainLoader, _TrainBatch, train_loader
@@ -285,26 +290,30 @@ def filter_differences(size: int, shrinks=(1.1, 1.3, 1.5, 2.0)) -> dict[float, t
 
 
 def tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process, its threads and all its descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
+    """CPU seconds (user + system) of this process, its threads and all its descendants,
+    read from each process's CPU clock (nanoseconds; /proc's ticks of 10 ms would put a
+    few percent of noise on a one-second window)."""
+    parent = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue  # exited meanwhile
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
         tree.update(kids)
         frontier = kids
-    return sum(cpu.get(p, 0.0) for p in tree)
+    total = 0.0
+    for pid in tree:
+        try:  # Linux's clock id for a process's CPU time: (~pid << 3) | CPUCLOCK_SCHED
+            total += time.clock_gettime(((~pid) << 3) | 2)
+        except OSError:
+            pass  # exited meanwhile
+    return total
 
 
 def bare_rate(transform, datas: list[bytes], size: int) -> float:
@@ -316,6 +325,25 @@ def bare_rate(transform, datas: list[bytes], size: int) -> float:
         for j, data in enumerate(datas):
             out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
     return len(datas) / (time.process_time() - t)
+
+
+def bare_rate_in_threads(transform, datas: list[bytes], size: int, threads: int = 2) -> float:
+    """Images per CPU-second of `threads` bare loops running at once in threads of this
+    process: what the GIL leaves of the single-core limit, with no loader around it."""
+    outs = [np.empty((len(datas), size, size, 3), np.uint8) for _ in range(threads)]
+
+    def loop(out):
+        for j, data in enumerate(datas):
+            out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+
+    for _ in range(2):  # the second pass is timed, as in bare_rate
+        pool = [threading.Thread(target=loop, args=(out,)) for out in outs]
+        t = time.process_time()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    return threads * len(datas) / (time.process_time() - t)
 
 
 def second_run(step):
@@ -400,6 +428,19 @@ def loader_costs(make, batches: int) -> dict[str, float]:
     return {k: 1e6 * v / n for k, v in costs.items()}
 
 
+@contextlib.contextmanager
+def pool_beside_worker_loops(enabled: bool):
+    """Worker processes as they ran before their own loop decoded: `num_threads` pool
+    threads beside it (the rule is read when a loader starts its workers)."""
+    rule = pipeline._pool_threads
+    if enabled:
+        pipeline._pool_threads = lambda w, t, p: max(0, int(t)) if w > 0 else rule(w, t, p)
+    try:
+        yield
+    finally:
+        pipeline._pool_threads = rule
+
+
 @dataclasses.dataclass
 class LoaderRun:
     wall_rate: float  # images/s
@@ -427,6 +468,7 @@ def median_run(runs: list[LoaderRun]) -> LoaderRun:
 
 
 LARGE_SPLIT = 10**6
+THREADED = "new, two loops at once in 2 threads, per CPU-second"
 
 
 @dataclasses.dataclass
@@ -470,7 +512,9 @@ def loader_factory(name, data_dir, tok, args, maker: type, workers: int, threads
 
 
 # (label, batch maker, worker processes, threads); the old rows are the loader as it ran,
-# the fresh ones the new transform with fresh shared memory for each batch (before the ring).
+# the fresh ones the new transform with fresh shared memory for each batch (before the ring),
+# the "pool" ones worker processes with a pool thread beside their own loop (before the loop
+# decoded itself).
 CONFIGS = (
     ("old", "0 workers (1 thread)", OldTrainBatch, 0, 1),
     ("old", "1 worker process", OldTrainBatch, 1, 1),
@@ -479,8 +523,10 @@ CONFIGS = (
     ("new", "1 thread", _TrainBatch, 0, 1),
     ("new", "2 threads", _TrainBatch, 0, 2),
     ("fresh", "1 worker process", FreshTrainBatch, 1, 1),
+    ("pool", "1 worker process", _TrainBatch, 1, 1),
     ("new", "1 worker process", _TrainBatch, 1, 1),
     ("fresh", "2 worker processes", FreshTrainBatch, 2, 1),
+    ("pool", "2 worker processes", _TrainBatch, 2, 1),
     ("new", "2 worker processes", _TrainBatch, 2, 1),
 )
 # new row -> the old row it is compared with (the same number of decoders)
@@ -508,7 +554,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_images", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=12)
+    p.add_argument("--batches", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--bare_images", type=int, default=192, help="images in each bare loop")
@@ -574,11 +620,16 @@ def main(argv=None):
             for label, some in datas.items():
                 for kind, fn in bare.items():
                     limits.setdefault((label, kind), []).append(bare_rate(fn, some, size))
+                limits.setdefault((label, THREADED), []).append(
+                    bare_rate_in_threads(images.random_square_crop, some, size)
+                )
                 for path, par, maker, workers, threads in CONFIGS:
                     make = loader_factory(
                         sources[label][0], data_dir, tok, args, maker, workers, threads
                     )
-                    runs.setdefault((label, path, par), []).append(time_loader(make, args.batches))
+                    with pool_beside_worker_loops(path == "pool"):
+                        run = time_loader(make, args.batches)
+                    runs.setdefault((label, path, par), []).append(run)
         limit = {key: float(np.median(v)) for key, v in limits.items()}
         rows = {key: median_run(v) for key, v in runs.items()}
 
@@ -598,7 +649,7 @@ def main(argv=None):
             )
         print("\nPhysical limit, a bare single-core loop (decode, crop, resize; no loader):")
         for label in datas:
-            text = ", ".join(f"{kind} {limit[label, kind]:.0f}" for kind in bare)
+            text = ", ".join(f"{kind} {limit[label, kind]:.0f}" for kind in [*bare, THREADED])
             print(f"  {label}: {text} images/s")
 
         if sweep:

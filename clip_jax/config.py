@@ -123,8 +123,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.crop_scale_min = 0.9
     c.data.crop_scale_max = 1.0
     c.data.num_workers = 0
-    # Decoding threads in each process (the training process when num_workers = 0; 0 = in
-    # the training loop's own thread); libjpeg-turbo and PIL release the GIL.
+    # Decoding threads in each process: the training process when num_workers = 0 (0 = in
+    # the training loop's own thread), else each worker process, whose own loop is its first
+    # (libjpeg-turbo, PIL and OpenCV release the GIL).
     c.data.num_threads = 1
     c.data.prefetch = 2
     c.data.device_prefetch = 2  # global batches on the devices ahead of the step

@@ -413,9 +413,10 @@ def test_jpeg_batches_equal_over_threads_processes_and_resume(photos):
     state = workers.get_state()
     workers.close()
     chex.assert_trees_all_equal(got, ref[:2])
-    resumed = _photo_loader(photos, num_threads=3)
+    resumed = _photo_loader(photos, num_workers=1, num_threads=2)  # a pool beside its loop
     resumed.set_state(state)
     chex.assert_trees_all_equal(_take(resumed, 2), ref[2:])
+    resumed.close()
 
 
 def test_a_batch_larger_than_the_free_shared_memory_is_one_data_error(demo):

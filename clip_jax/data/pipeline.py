@@ -243,6 +243,17 @@ def _close_worker_batches() -> None:
         batches.close()
 
 
+def _pool_threads(num_workers: int, num_threads: int, prefetch: int) -> int:
+    """Threads of grain's pool building batches in each process; 0: in the process's own
+    loop (the caller's thread, or a worker process's loop)."""
+    if num_workers > 0:
+        # A worker process runs apart from training already, so its own loop is its first
+        # decoding thread. A pool of one beside that loop only added GIL hand-offs: 4-8%
+        # more CPU per image from 256-px JPEGs (benchmarks/input_pipeline.py, "pool").
+        return max(0, int(num_threads)) if num_threads > 1 else 0
+    return max(0, int(num_threads)) if prefetch > 0 else 0
+
+
 def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
     reader = None
     if num_workers > 0:
@@ -251,7 +262,7 @@ def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: 
             reader = shared_memory.RingReader(shared_memory.ring_prefix())
             batch_fn = dataclasses.replace(batch_fn, worker_ring=reader.prefix)
     ds = grain.MapDataset.range(start, stop).map(batch_fn)
-    threads = max(0, int(num_threads)) if prefetch > 0 or num_workers > 0 else 0
+    threads = _pool_threads(num_workers, num_threads, prefetch)
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     )
@@ -453,8 +464,9 @@ def train_loader(
 
     tokenizer: a `Tokenizer` (anything with its `encode`). num_workers: grain worker
     processes (0: decode in this process). num_threads: threads building batches in each
-    process (0, or prefetch 0 without workers: in the caller's thread); the decoders release
-    the GIL, so threads scale without pickling batches between processes.
+    process (without workers, 0 or prefetch 0: in the caller's thread; in a worker process,
+    1 is the worker's own loop); the decoders release the GIL, so threads scale without
+    pickling batches between processes, up to what the GIL leaves.
     shard_index/shard_count default to jax.process_index()/process_count(). slices: each
     host batch is handed out in this many consecutive slices (see the module docstring).
     Raises DatasetNotPreparedError (with the command to run) if the split is missing.
