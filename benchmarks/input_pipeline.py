@@ -8,8 +8,9 @@ source it then measures, in this one process:
 
   * the physical limit: a bare single-core loop of decode, crop and resize over the image
     bytes in memory, no loader around it: the new transform
-    (`clip_jax.data.images.random_square_crop`: DCT-scaled decode, OpenCV resize), the same
-    crop with PIL's decoder only (the decoder this project did not pick), the new decode
+    (`clip_jax.data.images.random_square_crop`: DCT-scaled decode, OpenCV resize straight
+    into the batch row; also returned and copied in, as before), the same crop with PIL's
+    decoder only (the decoder this project did not pick), the new decode
     with PIL's bicubic resize of the same float box (the resize this project did not
     pick), and the old transform, kept in this file as the baseline (PIL draft decoding
     sized for the smallest crop, then PIL's bicubic resize of the crop);
@@ -196,6 +197,12 @@ class FreshTrainBatch(_TrainBatch):
         return {"image": out, "text": self.tokenizer.encode(texts), "_replaced": np.int64(replaced)}
 
 
+def new_copied(data: bytes, size: int, rng, scale) -> np.ndarray:
+    """The new crop returned and copied into the batch, as the loader wrote it before the
+    crop went straight into its batch row."""
+    return images.random_square_crop(data, size, rng, scale)
+
+
 def new_pil_only(data: bytes, size: int, rng, scale) -> np.ndarray:
     """The new crop with PIL's draft decoder (1/2, 1/4, 1/8) instead of simplejpeg."""
     return images._crop_pil(data, rng.random(3).tolist(), scale, size)
@@ -316,6 +323,15 @@ def tree_cpu_seconds() -> float:
     return total
 
 
+def crop_into(transform, data: bytes, size: int, rng, row: np.ndarray) -> None:
+    """One crop into a batch row as the loader writes it: in place by the new transform
+    (its `out`), copied in from the others."""
+    if transform is images.random_square_crop:
+        transform(data, size, rng, CROP_SCALE, out=row)
+    else:
+        row[...] = transform(data, size, rng, CROP_SCALE)
+
+
 def bare_rate(transform, datas: list[bytes], size: int) -> float:
     """Images per CPU-second of one thread: decode, crop, resize into a batch array. The
     second of two passes is timed, as `time_loader` skips a loader's first batches."""
@@ -323,7 +339,7 @@ def bare_rate(transform, datas: list[bytes], size: int) -> float:
     for _ in range(2):
         t = time.process_time()
         for j, data in enumerate(datas):
-            out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+            crop_into(transform, data, size, np.random.default_rng([0, j]), out[j])
     return len(datas) / (time.process_time() - t)
 
 
@@ -334,7 +350,7 @@ def bare_rate_in_threads(transform, datas: list[bytes], size: int, threads: int 
 
     def loop(out):
         for j, data in enumerate(datas):
-            out[j] = transform(data, size, np.random.default_rng([0, j]), CROP_SCALE)
+            crop_into(transform, data, size, np.random.default_rng([0, j]), out[j])
 
     for _ in range(2):  # the second pass is timed, as in bare_rate
         pool = [threading.Thread(target=loop, args=(out,)) for out in outs]
@@ -602,6 +618,7 @@ def main(argv=None):
         )
         bare = {
             "new": images.random_square_crop,
+            "new, copied into the batch": new_copied,
             "new, PIL decoder only": new_pil_only,
             "new decode + PIL bicubic resize": new_decode_pil_resize,
             "old": old_transform,

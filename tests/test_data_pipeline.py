@@ -434,6 +434,19 @@ def test_a_batch_larger_than_the_free_shared_memory_is_one_data_error(demo):
         assert fix in message
 
 
+def test_a_crop_written_into_a_batch_row_is_the_crop_and_a_row_that_does_not_fit_raises():
+    jpeg = _jpeg(_photo(np.random.default_rng(3), 60, 40))
+    png = _png(_photo(np.random.default_rng(4), 50, 70))
+    batch = np.zeros((2, 16, 16, 3), np.uint8)
+    for j, data in enumerate((jpeg, png)):  # libjpeg-turbo's path, then PIL's
+        want = images.random_square_crop(data, 16, np.random.default_rng(j))
+        got = images.random_square_crop(data, 16, np.random.default_rng(j), out=batch[j])
+        assert np.shares_memory(got, batch)
+        chex.assert_trees_all_equal(batch[j], want)
+    with pytest.raises(ValueError):  # OpenCV would silently make a new array instead
+        images.random_square_crop(jpeg, 16, np.random.default_rng(0), out=batch[0, :15])
+
+
 def test_random_square_crop_of_other_formats_and_bad_bytes():
     # A PNG: decoded whole, the same three draws as rng.uniform, one pixel-area resize (2x+).
     arr = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)

@@ -127,8 +127,8 @@ class _TrainBatch:
             rng = np.random.default_rng([self.seed, p])
             for _ in range(MAX_REPLACEMENTS):
                 try:
-                    out[j] = images_lib.random_square_crop(
-                        rec["image"], self.image_size, rng, self.crop_scale
+                    images_lib.random_square_crop(
+                        rec["image"], self.image_size, rng, self.crop_scale, out=out[j]
                     )
                     break
                 except images_lib.BadImage:
