@@ -300,8 +300,8 @@ def random_square_crop(
 ) -> np.ndarray:
     """CLIP training augmentation of encoded image bytes: a random square crop, resized to
     size x size (OpenCV, bicubic below a 1.5x shrink; never upsampled by the decoder).
-    Returns uint8 [size, size, 3]: `out` when given (a batch's row, written in place: 3% less
-    CPU per 256-px JPEG than copying the crop in, benchmarks/input_pipeline.py).
+    Returns uint8 [size, size, 3]: `out` when given (a batch's row, written in place: 2% less
+    CPU than copying the crop in, benchmarks/input_pipeline.py).
 
     The crop's area is a fraction u ~ U(scale) of the largest square that fits (side =
     shorter side * sqrt(u)), placed uniformly at random in the upright image. Deterministic
