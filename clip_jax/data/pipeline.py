@@ -246,13 +246,14 @@ def _close_worker_batches() -> None:
 def _pool_threads(num_workers: int, num_threads: int, prefetch: int) -> int:
     """Threads of grain's pool building batches in each process; 0: in the process's own
     loop (the caller's thread, or a worker process's loop)."""
+    threads = max(0, int(num_threads))
     if num_workers > 0:
         # A worker process runs apart from training already, so its own loop is its first
         # decoding thread. A pool of one beside that loop only added GIL hand-offs: 4% more
         # CPU per image with two worker processes from 256-px JPEGs, in two runs
         # (benchmarks/input_pipeline.py, "pool" rows; with one, within the noise).
-        return max(0, int(num_threads)) if num_threads > 1 else 0
-    return max(0, int(num_threads)) if prefetch > 0 else 0
+        return threads if threads > 1 else 0
+    return threads if prefetch > 0 else 0
 
 
 def _grain_iter(batch_fn, start: int, stop: int, num_workers: int, num_threads: int, prefetch: int):
